@@ -1,0 +1,158 @@
+"""Request and response bodies of the OpenAI API: validation with messages that name the field, and the
+text the guard must see in them."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field
+
+from rsafe_proxy.errors import InvalidRequest
+
+Kind = Literal["chat", "completion"]
+
+
+class _Open(BaseModel):
+    # Unknown fields are forwarded untouched; only what the proxy reads is checked.
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class ContentPart(_Open):
+    """One part of a multi-part message (text, image_url, input_audio, ...)."""
+
+    type: str
+    text: str | None = None
+
+
+class Message(_Open):
+    """A chat message."""
+
+    role: str
+    content: str | list[ContentPart] | None = None
+
+
+class ChatRequest(_Open):
+    """The fields of POST /v1/chat/completions that the proxy reads."""
+
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    stream: bool | None = False
+    n: int | None = Field(default=None, ge=1, le=128)
+
+
+class CompletionRequest(_Open):
+    """The fields of POST /v1/completions that the proxy reads."""
+
+    model: str
+    prompt: str | list[str]
+    stream: bool | None = False
+
+
+def parse_json(raw: bytes) -> dict[str, Any]:
+    """The body as a JSON object, or InvalidRequest saying where it breaks."""
+    try:
+        data = json.loads(raw)
+    except UnicodeDecodeError:
+        raise InvalidRequest("The request body is not UTF-8 encoded JSON.") from None
+    except json.JSONDecodeError as error:
+        raise InvalidRequest(f"The request body is not valid JSON: {error.msg} (line {error.lineno}, column {error.colno}).") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    return data
+
+
+def _invalid(error: pydantic.ValidationError) -> InvalidRequest:
+    first = error.errors()[0]
+    param = ".".join(str(part) for part in first["loc"])
+    message = "missing" if first["type"] == "missing" else str(first["msg"]).lower()
+    if first["type"] == "missing":
+        return InvalidRequest(f"Missing required parameter: '{param}'.", param=param)
+    return InvalidRequest(f"Invalid type or value for '{param}': {message}.", param=param)
+
+
+def validate_chat(body: dict[str, Any]) -> ChatRequest:
+    """Check the chat request's types; InvalidRequest names the first wrong field."""
+    try:
+        return ChatRequest.model_validate(body)
+    except pydantic.ValidationError as error:
+        raise _invalid(error) from None
+
+
+def validate_completion(body: dict[str, Any]) -> CompletionRequest:
+    """Check the completion request's types; token-array prompts cannot be screened and are refused."""
+    try:
+        return CompletionRequest.model_validate(body)
+    except pydantic.ValidationError as error:
+        if isinstance(body.get("prompt"), list):
+            raise InvalidRequest(
+                "Invalid type for 'prompt': this proxy screens text, so 'prompt' must be a string or a list of strings "
+                "(token arrays cannot be screened).",
+                param="prompt",
+            ) from None
+        raise _invalid(error) from None
+
+
+def message_text(content: str | list[ContentPart] | None) -> str:
+    """The text of a message: its string, or its text parts joined."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "\n".join(part.text for part in content if part.text)
+
+
+def user_turns(kind: Kind, request: ChatRequest | CompletionRequest) -> list[str]:
+    """The texts the input screen judges: every user turn (chat), or every prompt (completions)."""
+    if isinstance(request, CompletionRequest):
+        return [request.prompt] if isinstance(request.prompt, str) else list(request.prompt)
+    return [text for message in request.messages if message.role == "user" and (text := message_text(message.content))]
+
+
+def last_prompt(turns: list[str]) -> str:
+    """The user text an answer replies to (the output screen's `User:` line)."""
+    return turns[-1] if turns else ""
+
+
+def choice_text(kind: Kind, choice: dict[str, Any]) -> str:
+    """The text of one choice of a non-streamed answer, tool-call arguments included."""
+    if kind == "completion":
+        return str(choice.get("text") or "")
+    message = choice.get("message") or {}
+    parts = [message.get("content") or "", message.get("refusal") or ""]
+    for call in message.get("tool_calls") or []:
+        function = call.get("function") or {} if isinstance(call, dict) else {}
+        parts.append(f"{function.get('name', '')}({function.get('arguments', '')})")
+    return "\n".join(str(part) for part in parts if part)
+
+
+def delta_text(kind: Kind, choice: dict[str, Any]) -> str:
+    """The text added by one choice of a streamed chunk, tool-call arguments included."""
+    if kind == "completion":
+        return str(choice.get("text") or "")
+    delta = choice.get("delta") or {}
+    parts = [delta.get("content") or "", delta.get("refusal") or ""]
+    for call in delta.get("tool_calls") or []:
+        function = (call.get("function") or {}) if isinstance(call, dict) else {}
+        parts.append(str(function.get("name") or "") + str(function.get("arguments") or ""))
+    return "".join(str(part) for part in parts if part)
+
+
+def replace_choice(kind: Kind, choice: dict[str, Any], message: str) -> dict[str, Any]:
+    """The choice with its content replaced by the policy's message and finish_reason content_filter."""
+    if kind == "completion":
+        return {**choice, "text": message, "finish_reason": "content_filter"}
+    old = choice.get("message") or {}
+    new = {"role": old.get("role", "assistant"), "content": message}
+    return {**choice, "message": new, "finish_reason": "content_filter"}
+
+
+def final_chunk(kind: Kind, template: dict[str, Any], index: int, message: str) -> dict[str, Any]:
+    """A streamed chunk that carries the policy's message and ends the choice with content_filter."""
+    base = {key: template[key] for key in ("id", "object", "created", "model") if key in template}
+    if kind == "completion":
+        choice: dict[str, Any] = {"index": index, "text": message, "finish_reason": "content_filter"}
+        return {**base, "object": base.get("object", "text_completion"), "choices": [choice]}
+    choice = {"index": index, "delta": {"content": message}, "finish_reason": "content_filter"}
+    return {**base, "object": "chat.completion.chunk", "choices": [choice]}

@@ -1,0 +1,200 @@
+"""Typed, frozen settings read from proxy.yaml, with `${VAR}` and `${VAR:-default}` interpolation."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+
+from rsafe_proxy.yamlsource import FileInvalid, Problem, YamlDocument, read_yaml, validate
+
+_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:-([^}]*))?\}")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _none_if_empty(value: Any) -> Any:
+    return None if value == "" else value
+
+
+class ServerSettings(_Frozen):
+    """The proxy's own HTTP behaviour."""
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8080
+    max_body_bytes: Annotated[int, Field(ge=1024)] = 8 * 1024 * 1024
+    input_screening: Literal["parallel", "sequential"] = "parallel"
+
+
+class UpstreamSettings(_Frozen):
+    """The OpenAI-compatible LLM behind the proxy."""
+
+    base_url: str = "https://api.openai.com/v1"
+    api_key: SecretStr | None = None
+    timeout_s: Annotated[float, Field(gt=0)] = 600.0
+    connect_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    max_connections: Annotated[int, Field(ge=1)] = 200
+
+    _empty_key = field_validator("api_key", mode="before")(_none_if_empty)
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"must be an http(s) URL, got {value!r}")
+        return value.rstrip("/")
+
+
+class CacheSettings(_Frozen):
+    """The verdict cache: (policy version, side, content) -> verdict."""
+
+    max_entries: Annotated[int, Field(ge=0)] = 10_000
+    ttl_s: Annotated[float, Field(gt=0)] = 3600.0
+
+
+class GuardSettings(_Frozen):
+    """The guard model and how it is called.
+
+    engine `auto` means: the OpenAI-compatible server at `url` when one is set, else the embedded model.
+    """
+
+    engine: str = "auto"
+    url: str | None = None
+    model: str | None = None
+    api_key: SecretStr | None = None
+    mode: Literal["auto", "generate", "score"] = "auto"
+    template: str | None = None
+    score_threshold: Annotated[float, Field(gt=0, lt=1)] = 0.5
+    timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    temperature: Annotated[float, Field(ge=0, le=2)] = 0.7
+    top_p: Annotated[float, Field(gt=0, le=1)] = 0.8
+    repetition_penalty: Annotated[float, Field(gt=0)] = 1.05
+    max_tokens: Annotated[int, Field(ge=1)] = 1024
+    options: Mapping[str, Any] = Field(default_factory=dict)
+    cache: CacheSettings = CacheSettings()
+
+    _empty = field_validator("url", "model", "api_key", "template", mode="before")(_none_if_empty)
+
+    def engine_name(self) -> str:
+        """The engine this configuration selects."""
+        if self.engine != "auto":
+            return self.engine
+        return "openai" if self.url else "transformers"
+
+    def effective_mode(self) -> Literal["generate", "score"]:
+        """`auto`: score for the embedded transformers model (a base model cannot reason), else generate."""
+        if self.mode != "auto":
+            return self.mode
+        embedded = self.engine_name() == "transformers" and self.options.get("model", "embedded") == "embedded"
+        return "score" if embedded else "generate"
+
+
+class TenantUpstream(_Frozen):
+    """A tenant's own upstream, replacing the global one."""
+
+    base_url: str | None = None
+    api_key: SecretStr | None = None
+
+    _empty = field_validator("base_url", "api_key", mode="before")(_none_if_empty)
+
+
+class TenantSettings(_Frozen):
+    """A tenant: who it is, how its clients authenticate, which policy applies."""
+
+    id: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+    keys: tuple[str, ...] = ()
+    anonymous: bool = False
+    policy: str = "rsafe-default"
+    upstream: TenantUpstream = TenantUpstream()
+
+    @field_validator("keys")
+    @classmethod
+    def _key_forms(cls, keys: tuple[str, ...]) -> tuple[str, ...]:
+        for key in keys:
+            if key.startswith("sha256:"):
+                if not re.fullmatch(r"sha256:[0-9a-f]{64}", key):
+                    raise ValueError("a sha256 key must be 'sha256:' followed by 64 lowercase hex digits")
+            elif not key.startswith("env:"):
+                raise ValueError("each key must be 'sha256:<hex digest>' or 'env:VARIABLE' (never the key itself)")
+        return keys
+
+
+class TelemetrySettings(_Frozen):
+    """Where decisions and spans go. OTLP is configured with the standard OTEL_* variables."""
+
+    spans_file: str | None = "rsafe-spans.jsonl"
+    service_name: str = "rsafe-proxy"
+
+    _empty = field_validator("spans_file", mode="before")(_none_if_empty)
+
+
+class Settings(_Frozen):
+    """Everything proxy.yaml holds."""
+
+    server: ServerSettings = ServerSettings()
+    upstream: UpstreamSettings = UpstreamSettings()
+    guard: GuardSettings = GuardSettings()
+    tenants: Annotated[tuple[TenantSettings, ...], Field(min_length=1)] = (
+        TenantSettings(id="default", anonymous=True),
+    )
+    telemetry: TelemetrySettings = TelemetrySettings()
+    policy_reload_s: Annotated[float, Field(ge=0)] = 2.0
+    base_dir: str = "."
+
+    @field_validator("tenants")
+    @classmethod
+    def _unique_tenants(cls, tenants: tuple[TenantSettings, ...]) -> tuple[TenantSettings, ...]:
+        ids = [tenant.id for tenant in tenants]
+        if len(set(ids)) != len(ids):
+            raise ValueError("tenant ids must be unique")
+        if sum(tenant.anonymous for tenant in tenants) > 1:
+            raise ValueError("at most one tenant may be anonymous")
+        return tenants
+
+
+def _interpolate(
+    document: YamlDocument, value: Any, env: Mapping[str, str], path: tuple[str | int, ...], problems: list[Problem]
+) -> Any:
+    if isinstance(value, dict):
+        return {key: _interpolate(document, item, env, (*path, key), problems) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(document, item, env, (*path, index), problems) for index, item in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+
+    def substitute(match: re.Match[str]) -> str:
+        name, has_default, default = match.group(1), match.group(2), match.group(3)
+        if env.get(name):
+            return env[name]
+        if has_default is not None:
+            return default or ""
+        problems.append(Problem(document.path, document.line_of(path), f"environment variable {name} is not set"))
+        return ""
+
+    return _VARIABLE.sub(substitute, value)
+
+
+def packaged_config_path() -> Path:
+    """The default proxy.yaml shipped with the package."""
+    return Path(str(resources.files("rsafe_proxy").joinpath("proxy.yaml")))
+
+
+def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Settings from `path` (default: ./proxy.yaml, else the packaged default); raises FileInvalid."""
+    if path is None:
+        path = Path("proxy.yaml") if Path("proxy.yaml").is_file() else packaged_config_path()
+    document = read_yaml(path)
+    problems: list[Problem] = []
+    data = _interpolate(document, document.data, os.environ if env is None else env, (), problems)
+    if problems:
+        raise FileInvalid(problems)
+    if isinstance(data, dict):
+        data.setdefault("base_dir", str(Path(path).resolve().parent))
+    return validate(YamlDocument(document.path, data, document.lines), Settings)

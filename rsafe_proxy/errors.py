@@ -1,0 +1,100 @@
+"""One exception tree for everything the proxy answers with an error; each class knows its status and code."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+
+class ProxyError(Exception):
+    """An error the client receives as an OpenAI-style body: {"error": {message, type, param, code}}."""
+
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "server_error"
+    code: ClassVar[str | None] = None
+
+    def __init__(self, message: str, *, param: str | None = None, extra: Mapping[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.extra = dict(extra or {})
+
+    def body(self) -> dict[str, Any]:
+        """The JSON body sent to the client."""
+        error = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+        return {"error": {**error, **self.extra}}
+
+    def headers(self) -> dict[str, str]:
+        """Extra response headers."""
+        return {}
+
+
+class InvalidRequest(ProxyError):
+    """The request is malformed: bad JSON, wrong types, a field the proxy cannot screen."""
+
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class PayloadTooLarge(ProxyError):
+    """The body is larger than server.max_body_bytes."""
+
+    status = 413
+    type = "invalid_request_error"
+    code = "payload_too_large"
+
+
+class Unauthorized(ProxyError):
+    """No key, or a key that belongs to no tenant."""
+
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class NotFound(ProxyError):
+    """A path the proxy does not serve."""
+
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class ContentBlocked(ProxyError):
+    """The prompt violates the tenant's policy. A 400 that clients must not retry (never a 5xx)."""
+
+    status = 400
+    type = "invalid_request_error"
+    code = "content_filter"
+
+    def __init__(self, message: str, categories: Sequence[str], extra: Mapping[str, Any] | None = None) -> None:
+        super().__init__(message, extra={"categories": list(categories), **(extra or {})})
+        self.categories = tuple(categories)
+
+    def headers(self) -> dict[str, str]:
+        return {"x-should-retry": "false", "x-rsafe-categories": ",".join(self.categories)}
+
+
+class GuardUnavailable(ProxyError):
+    """The guard failed, timed out or gave no readable verdict, and the policy fails closed."""
+
+    status = 503
+    type = "server_error"
+    code = "guard_unavailable"
+
+
+class UpstreamUnavailable(ProxyError):
+    """The upstream LLM could not be reached."""
+
+    status = 502
+    type = "server_error"
+    code = "upstream_unavailable"
+
+
+class UpstreamTimeout(ProxyError):
+    """The upstream LLM did not answer in time."""
+
+    status = 504
+    type = "server_error"
+    code = "upstream_timeout"

@@ -1,0 +1,1 @@
+"""The guard: RSafe prompt rendering, verdict parsing, engines and the screener."""

@@ -1,0 +1,76 @@
+"""The one small interface every guard engine implements, and the registry that picks one by name."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+ENGINES: Mapping[str, str] = {
+    "openai": "rsafe_proxy.guard.engines.openai:OpenAIEngine",
+    "transformers": "rsafe_proxy.guard.engines.transformers:TransformersEngine",
+    "vllm": "rsafe_proxy.guard.engines.vllm:VLLMEngine",
+}
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Generation settings for one guard call (the RSafe authors' defaults)."""
+
+    temperature: float = 0.7
+    top_p: float = 0.8
+    repetition_penalty: float = 1.05
+    max_tokens: int = 512
+
+
+@dataclass(frozen=True)
+class GuardOutput:
+    """What an engine returns for one rendered guard prompt.
+
+    `text` is the model's own output (reasoning and boxed answer) in `generate` mode. In `score` mode the
+    engine decodes nothing: `unsafe_probability` is P(unsafe) / (P(safe) + P(unsafe)) at the forced `\\boxed{`
+    and `text` is empty.
+    """
+
+    text: str
+    completion_tokens: int = 0
+    prompt_tokens: int = 0
+    unsafe_probability: float | None = None
+    truncated: bool = False
+
+
+class GuardEngineError(Exception):
+    """The engine could not produce an output (server down, timeout, model failure)."""
+
+
+@runtime_checkable
+class GuardEngine(Protocol):
+    """Turns one rendered guard prompt (sent as a single user message) into the model's output."""
+
+    name: str
+
+    async def complete(self, prompt: str, sampling: Sampling) -> GuardOutput:
+        """Run the guard model on `prompt`; raise GuardEngineError when no output can be had."""
+        ...
+
+    async def ready(self) -> bool:
+        """True when the engine can serve a verdict now (model loaded, server reachable)."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release the model or connections."""
+        ...
+
+
+def load_engine(name: str, options: Mapping[str, Any]) -> GuardEngine:
+    """Build the engine registered as `name` (imported lazily, so unused engines cost nothing)."""
+    target = ENGINES.get(name, name)
+    if ":" not in target:
+        raise ValueError(f"unknown guard engine {name!r}; known: {', '.join(sorted(ENGINES))} or 'module:Class'")
+    module_name, attr = target.split(":", 1)
+    factory = getattr(importlib.import_module(module_name), attr)
+    engine = factory(**options)
+    if not isinstance(engine, GuardEngine):
+        raise TypeError(f"{target} does not implement GuardEngine")
+    return engine

@@ -1,0 +1,82 @@
+"""The `openai` engine: any OpenAI-compatible chat server hosting the guard (e.g. `vllm serve`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from rsafe_proxy.guard.engine import GuardEngineError, GuardOutput, Sampling
+
+
+class OpenAIEngine:
+    """One user message per screen, sent to `{url}/chat/completions`."""
+
+    name = "openai"
+
+    def __init__(
+        self,
+        url: str,
+        model: str,
+        api_key: str | None = None,
+        timeout_s: float = 60.0,
+        max_connections: int = 64,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        self._model = model
+        self._client = httpx.AsyncClient(
+            base_url=url.rstrip("/"),
+            headers=headers,
+            timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 5.0)),
+            limits=httpx.Limits(
+                max_connections=max_connections,
+                max_keepalive_connections=max_connections,
+            ),
+            transport=transport,
+        )
+
+    async def complete(self, prompt: str, sampling: Sampling) -> GuardOutput:
+        """Send the rendered prompt as the only user message and return the model's text."""
+        payload = {
+            "model": self._model,
+            "messages": [{"role": "user", "content": prompt}],
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "max_tokens": sampling.max_tokens,
+            # vLLM's name for it; OpenAI-compatible servers ignore fields they do not know
+            "repetition_penalty": sampling.repetition_penalty,
+        }
+        try:
+            response = await self._client.post("/chat/completions", json=payload)
+        except httpx.TimeoutException as error:
+            raise GuardEngineError(f"guard server timed out: {type(error).__name__}") from error
+        except httpx.HTTPError as error:
+            raise GuardEngineError(f"guard server unreachable: {type(error).__name__}: {error}") from error
+        if response.status_code != 200:
+            raise GuardEngineError(f"guard server answered {response.status_code}: {response.text[:200]}")
+        try:
+            body: dict[str, Any] = response.json()
+            choice = body["choices"][0]
+            text = choice["message"]["content"] or ""
+            usage = body.get("usage") or {}
+        except (ValueError, KeyError, IndexError, TypeError) as error:
+            raise GuardEngineError(f"guard server sent an unexpected body: {response.text[:200]}") from error
+        return GuardOutput(
+            text=str(text),
+            completion_tokens=int(usage.get("completion_tokens") or 0),
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            truncated=choice.get("finish_reason") == "length",
+        )
+
+    async def ready(self) -> bool:
+        """True when the server lists its models."""
+        try:
+            response = await self._client.get("/models", timeout=5.0)
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await self._client.aclose()

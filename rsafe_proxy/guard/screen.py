@@ -1,0 +1,117 @@
+"""The screener: one verdict for (policy, side, content), from the cache or the guard engine."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, replace
+
+from rsafe_proxy.guard.cache import TTLCache, cache_key
+from rsafe_proxy.guard.engine import GuardEngine, GuardEngineError, GuardOutput, Sampling
+from rsafe_proxy.guard.protocol import Label, Reading, Side, load_template, parse_verdict, render_prompt
+from rsafe_proxy.policy.schema import Policy
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The guard's judgement of one piece of content, with what it cost."""
+
+    label: Label
+    reasoning: str = ""
+    categories: tuple[str, ...] = ()
+    unsafe_probability: float | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    seconds: float = 0.0
+    cached: bool = False
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class ScreenSettings:
+    """How the screener calls the engine and reads its output."""
+
+    mode: str = "generate"
+    template: str | None = None
+    score_threshold: float = 0.5
+    timeout_s: float = 60.0
+    sampling: Sampling = Sampling()
+
+
+class Screener:
+    """Renders the guard prompt for a policy, calls the engine with a timeout, reads and caches the verdict."""
+
+    def __init__(self, engine: GuardEngine, settings: ScreenSettings, cache: TTLCache[Verdict]) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.cache = cache
+
+    def render(self, policy: Policy, side: Side, prompt: str, response: str | None = None) -> str:
+        """The guard prompt for this policy and content."""
+        template = load_template(self.settings.template or policy.template, side)
+        return render_prompt(template, policy.category_lines(side), prompt, response if side is Side.OUTPUT else None)
+
+    def _sampling(self, policy: Policy) -> Sampling:
+        overrides = policy.guard
+        return replace(
+            self.settings.sampling,
+            max_tokens=overrides.max_tokens or self.settings.sampling.max_tokens,
+            temperature=self.settings.sampling.temperature if overrides.temperature is None else overrides.temperature,
+            top_p=overrides.top_p or self.settings.sampling.top_p,
+        )
+
+    def _read(self, output: GuardOutput, policy: Policy, side: Side) -> Reading:
+        if output.unsafe_probability is not None:
+            unsafe = output.unsafe_probability >= self.settings.score_threshold
+            why = f"score mode: P(unsafe) = {output.unsafe_probability:.3f}, threshold {self.settings.score_threshold}"
+            return Reading(Label.UNSAFE if unsafe else Label.SAFE, why)
+        reading = parse_verdict(output.text, [category.id for category in policy.categories_for(side)])
+        if output.truncated and reading.label is Label.UNKNOWN:
+            return Reading(Label.UNKNOWN, reading.reasoning + " [cut off at the reasoning budget]")
+        return reading
+
+    def _key(self, policy: Policy, side: Side, prompt: str, response: str | None) -> str:
+        return cache_key(policy.version, side.value, self.settings.template or "", prompt, response or "")
+
+    def known(self, policy: Policy, side: Side, prompt: str, response: str | None = None) -> Verdict | None:
+        """The cached verdict for this content, if any (earlier turns of a conversation are not re-screened)."""
+        return self.cache.get(self._key(policy, side, prompt, response))
+
+    def remember(self, policy: Policy, side: Side, prompt: str, verdict: Verdict) -> None:
+        """Cache `verdict` for `prompt` too (a turn judged safe as part of a larger screen)."""
+        if verdict.label is not Label.UNKNOWN:
+            self.cache.put(self._key(policy, side, prompt, None), verdict)
+
+    async def screen(self, policy: Policy, side: Side, prompt: str, response: str | None = None) -> Verdict:
+        """The verdict on `prompt` (input side) or on `response` to `prompt` (output side).
+
+        Engine failures and timeouts give an UNKNOWN verdict with `error` set; they are not cached.
+        """
+        key = self._key(policy, side, prompt, response)
+        hit = self.cache.get(key)
+        if hit is not None:
+            return replace(hit, cached=True, seconds=0.0)
+        started = time.perf_counter()
+        try:
+            output = await asyncio.wait_for(
+                self.engine.complete(self.render(policy, side, prompt, response), self._sampling(policy)),
+                timeout=self.settings.timeout_s,
+            )
+        except TimeoutError:
+            return Verdict(Label.UNKNOWN, seconds=time.perf_counter() - started, error="guard timed out")
+        except GuardEngineError as error:
+            return Verdict(Label.UNKNOWN, seconds=time.perf_counter() - started, error=str(error))
+        reading = self._read(output, policy, side)
+        verdict = Verdict(
+            label=reading.label,
+            reasoning=reading.reasoning,
+            categories=reading.categories,
+            unsafe_probability=output.unsafe_probability,
+            prompt_tokens=output.prompt_tokens,
+            completion_tokens=output.completion_tokens,
+            seconds=time.perf_counter() - started,
+            error=None if reading.label is not Label.UNKNOWN else "the guard's output held no readable verdict",
+        )
+        if verdict.label is not Label.UNKNOWN:
+            self.cache.put(key, verdict)
+        return verdict

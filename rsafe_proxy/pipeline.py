@@ -1,0 +1,336 @@
+"""Screen the input, call the upstream, screen the output. Knows no HTTP framework: it returns replies."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import Span, SpanKind
+
+from rsafe_proxy.bodies import (
+    ChatRequest,
+    CompletionRequest,
+    Kind,
+    choice_text,
+    last_prompt,
+    parse_json,
+    replace_choice,
+    user_turns,
+    validate_chat,
+    validate_completion,
+)
+from rsafe_proxy.errors import ContentBlocked, GuardUnavailable, UpstreamUnavailable
+from rsafe_proxy.guard.protocol import Label, Side
+from rsafe_proxy.guard.screen import Screener, Verdict
+from rsafe_proxy.policy.decide import Decision, Outcome, decide
+from rsafe_proxy.policy.schema import Policy
+from rsafe_proxy.policy.tenants import Tenant
+from rsafe_proxy.streaming import WindowedScreen, sse_events
+from rsafe_proxy.telemetry import Recorder
+from rsafe_proxy.upstream import Upstream, forward_headers, returned_headers
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A complete response."""
+
+    status: int
+    body: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StreamReply:
+    """A streamed response; `chunks` must be iterated to the end or closed."""
+
+    status: int
+    headers: dict[str, str]
+    chunks: AsyncIterator[bytes]
+
+
+@dataclass(frozen=True)
+class Call:
+    """One client request as the pipeline sees it."""
+
+    method: str
+    path: str
+    query: str
+    headers: Mapping[str, str]
+    body: bytes
+    tenant: Tenant
+    policy: Policy
+
+
+@dataclass
+class _Screening:
+    """The state of one screened request: its parsed body, the user's turns, its span."""
+
+    call: Call
+    kind: Kind
+    body: dict[str, Any]
+    turns: list[str]
+    span: Span
+    started: float = field(default_factory=time.perf_counter)
+    upstream_seconds: float = 0.0
+
+    @property
+    def context(self) -> Context:
+        return trace.set_span_in_context(self.span)
+
+
+async def _discard(task: asyncio.Task[httpx.Response] | None) -> None:
+    """Cancel an upstream call; close its response if it had already arrived."""
+    if task is None:
+        return
+    task.cancel()
+    with contextlib.suppress(BaseException):
+        response = await task
+        await response.aclose()
+
+
+class Pipeline:
+    """The screening pipeline for one app: screener, upstream and recorder are injected."""
+
+    def __init__(
+        self,
+        screener: Screener,
+        upstream: Upstream,
+        recorder: Recorder,
+        engine_name: str,
+        parallel: bool = True,
+        upstream_api_key: str | None = None,
+    ) -> None:
+        self.screener = screener
+        self.upstream = upstream
+        self.recorder = recorder
+        self.engine_name = engine_name
+        self.parallel = parallel
+        self.upstream_api_key = upstream_api_key
+
+    # -- screening ------------------------------------------------------------------------------------------
+
+    async def screen(
+        self, state: _Screening, side: Side, prompt: str, response: str | None = None
+    ) -> tuple[Verdict, Decision]:
+        """One screen: a span, the guard call (or cache), the policy's decision."""
+        policy, tenant = state.call.policy, state.call.tenant
+        with self.recorder.span(f"rsafe.screen {side.value}", parent=state.context, **{"rsafe.side": side.value}) as span:
+            span.update_name("rsafe.screen")
+            with self.recorder.span(
+                f"chat {self.engine_name}-guard",
+                kind=SpanKind.CLIENT,
+                **{"gen_ai.operation.name": "chat", "gen_ai.system": self.engine_name, "rsafe.engine": self.engine_name},
+            ):
+                verdict = await self.screener.screen(policy, side, prompt, response)
+            decision = decide(policy, side, verdict)
+            self.recorder.screen(span, tenant.id, policy, verdict, decision, self.engine_name)
+        return verdict, decision
+
+    async def screen_input(self, state: _Screening) -> tuple[Verdict | None, Decision, list[str]]:
+        """Judge the user turns not already known to be safe; returns the verdict, decision and judged turns."""
+        policy = state.call.policy
+        pending = [
+            turn
+            for turn in state.turns
+            if (known := self.screener.known(policy, Side.INPUT, turn)) is None or known.label is not Label.SAFE
+        ]
+        if not pending:
+            return None, Decision(Outcome.ALLOW, Side.INPUT), []
+        verdict, decision = await self.screen(state, Side.INPUT, "\n\n".join(pending))
+        if len(pending) > 1:
+            for turn in pending:
+                self.screener.remember(policy, Side.INPUT, turn, verdict)
+        return verdict, decision, pending
+
+    # -- the upstream ---------------------------------------------------------------------------------------
+
+    def _authorization(self, call: Call) -> str | None:
+        key = call.tenant.upstream_api_key or self.upstream_api_key
+        if key:
+            return f"Bearer {key}"
+        # drop-in mode: the client's own credentials go upstream; a proxy key never does
+        return None if call.tenant.keyed else call.headers.get("authorization")
+
+    async def _open(self, state: _Screening | None, call: Call, content: bytes | None) -> httpx.Response:
+        started = time.perf_counter()
+        parent = state.context if state else None
+        with self.recorder.span(f"{call.method} {call.path}", kind=SpanKind.CLIENT, parent=parent, **{"server.address": self.upstream.base_url}):
+            response = await self.upstream.open(
+                call.method,
+                call.path,
+                forward_headers(call.headers, self._authorization(call)),
+                content,
+                base_url=call.tenant.upstream_base_url,
+                query=call.query,
+            )
+        if state is not None:
+            state.upstream_seconds += time.perf_counter() - started
+        return response
+
+    async def forward(self, call: Call) -> StreamReply:
+        """Any other /v1 route: passed through unscreened, streamed back as it comes."""
+        response = await self._open(None, call, call.body or None)
+
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in response.aiter_raw():
+                    yield chunk
+            except httpx.HTTPError:
+                return
+            finally:
+                await response.aclose()
+
+        return StreamReply(response.status_code, returned_headers(response.headers), body())
+
+    # -- screened routes ------------------------------------------------------------------------------------
+
+    async def complete(self, call: Call, kind: Kind) -> Reply | StreamReply:
+        """POST /v1/chat/completions or /v1/completions, screened on both sides."""
+        body = parse_json(call.body)
+        request: ChatRequest | CompletionRequest = validate_chat(body) if kind == "chat" else validate_completion(body)
+        span = self.recorder.tracer.start_span(
+            "rsafe.request",
+            kind=SpanKind.SERVER,
+            attributes={
+                "rsafe.tenant": call.tenant.id,
+                "rsafe.policy.id": call.policy.id,
+                "rsafe.policy.version": call.policy.version,
+                "gen_ai.request.model": request.model,
+                "gen_ai.operation.name": "chat" if kind == "chat" else "text_completion",
+                "http.route": call.path,
+            },
+        )
+        state = _Screening(call, kind, body, user_turns(kind, request), span)
+        streamed = False
+        try:
+            reply = await self._complete(state, bool(request.stream))
+            streamed = isinstance(reply, StreamReply)
+            return reply
+        except Exception as error:
+            span.record_exception(error)
+            span.set_attribute("rsafe.error", type(error).__name__)
+            raise
+        finally:
+            if not streamed:
+                span.end()
+
+    async def _complete(self, state: _Screening, stream: bool) -> Reply | StreamReply:
+        call = state.call
+        upstream: asyncio.Task[httpx.Response] | None = None
+        screening = asyncio.create_task(self.screen_input(state))
+        if self.parallel:
+            upstream = asyncio.create_task(self._open(state, call, call.body))
+        try:
+            verdict, decision, judged = await screening
+        except BaseException:
+            screening.cancel()
+            await _discard(upstream)
+            raise
+        content = call.body
+        if decision.outcome is Outcome.BLOCK:
+            await _discard(upstream)
+            extra = {"policy": call.policy.id}
+            if verdict is not None and call.policy.reasoning.return_to_client:
+                extra["reasoning"] = verdict.reasoning
+            raise ContentBlocked(decision.message, decision.categories, extra)
+        if decision.outcome is Outcome.GUARD_ERROR_BLOCK:
+            await _discard(upstream)
+            raise GuardUnavailable(decision.message)
+        if decision.outcome is Outcome.REWRITE:
+            await _discard(upstream)
+            upstream = None
+            content = json.dumps(self._rewritten(state, judged, decision.message)).encode()
+        if upstream is None:
+            upstream = asyncio.create_task(self._open(state, call, content))
+        response = await upstream
+        headers = {**returned_headers(response.headers), **self._headers(state, decision)}
+        if response.status_code != 200:
+            return Reply(response.status_code, await Upstream.read(response), headers)
+        if stream and response.headers.get("content-type", "").startswith("text/event-stream"):
+            return StreamReply(200, headers, self._stream(state, response))
+        started = time.perf_counter()
+        raw = await Upstream.read(response)
+        state.upstream_seconds += time.perf_counter() - started
+        body = await self._screen_answer(state, raw)
+        overhead = max(0.0, time.perf_counter() - state.started - state.upstream_seconds)
+        self.recorder.metrics.overhead_seconds.labels(call.path).observe(overhead)
+        headers["x-rsafe-overhead-ms"] = f"{overhead * 1000:.1f}"
+        return Reply(200, body, headers)
+
+    def _headers(self, state: _Screening, decision: Decision) -> dict[str, str]:
+        policy = state.call.policy
+        return {
+            "x-rsafe-tenant": state.call.tenant.id,
+            "x-rsafe-policy": f"{policy.id}@{policy.version}",
+            "x-rsafe-input": decision.outcome.value,
+        }
+
+    def _rewritten(self, state: _Screening, judged: list[str], instruction: str) -> dict[str, Any]:
+        body = dict(state.body)
+        if state.kind == "completion":
+            body["prompt"] = instruction
+            return body
+        flagged = set(judged)
+        messages = []
+        for message in body["messages"]:
+            if isinstance(message, dict) and message.get("role") == "user":
+                text = message.get("content")
+                joined = text if isinstance(text, str) else "\n".join(
+                    part.get("text", "") for part in text or [] if isinstance(part, dict) and part.get("text")
+                )
+                if joined in flagged:
+                    message = {**message, "content": instruction}
+            messages.append(message)
+        body["messages"] = messages
+        return body
+
+    async def _screen_answer(self, state: _Screening, raw: bytes) -> bytes:
+        """Screen every choice of a non-streamed answer; replace the ones the policy stops."""
+        try:
+            answer = json.loads(raw)
+            choices = answer["choices"]
+            assert isinstance(choices, list)
+        except (ValueError, KeyError, TypeError, AssertionError):
+            raise UpstreamUnavailable("The upstream model sent an answer the proxy cannot read.") from None
+        prompt = last_prompt(state.turns)
+        texts = [choice_text(state.kind, choice) if isinstance(choice, dict) else "" for choice in choices]
+        results = await asyncio.gather(
+            *(self.screen(state, Side.OUTPUT, prompt, text) for text in texts if text.strip())
+        )
+        decisions = iter(decision for _, decision in results)
+        changed = False
+        for position, text in enumerate(texts):
+            if not text.strip():
+                continue
+            decision = next(decisions)
+            if decision.outcome is Outcome.GUARD_ERROR_BLOCK:
+                raise GuardUnavailable(decision.message)
+            if not decision.outcome.passes:
+                choices[position] = replace_choice(state.kind, choices[position], decision.message)
+                changed = True
+        return json.dumps(answer).encode() if changed else raw
+
+    async def _stream(self, state: _Screening, response: httpx.Response) -> AsyncIterator[bytes]:
+        prompt = last_prompt(state.turns)
+
+        async def judge(index: int, text: str) -> Decision:
+            return (await self.screen(state, Side.OUTPUT, prompt, text))[1]
+
+        windowed = WindowedScreen(state.kind, state.call.policy.stream, judge)
+        try:
+            async for chunk in windowed.run(sse_events(response.aiter_bytes())):
+                yield chunk
+        except httpx.HTTPError as error:
+            state.span.record_exception(error)
+        finally:
+            await response.aclose()
+            state.span.set_attribute("rsafe.stream.windows", windowed.windows)
+            state.span.end()

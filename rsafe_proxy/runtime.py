@@ -1,0 +1,143 @@
+"""Everything one running proxy holds: settings, clients, engine, policies, pipeline. Built by the app's
+lifespan and closed by it; nothing lives at module level."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from rsafe_proxy.config import GuardSettings, Settings
+from rsafe_proxy.guard.cache import TTLCache
+from rsafe_proxy.guard.engine import GuardEngine, Sampling, load_engine
+from rsafe_proxy.guard.screen import Screener, ScreenSettings, Verdict
+from rsafe_proxy.pipeline import Pipeline
+from rsafe_proxy.policy.loading import resolve_policy_path
+from rsafe_proxy.policy.store import PolicyStore
+from rsafe_proxy.policy.tenants import TenantDirectory
+from rsafe_proxy.telemetry import Recorder
+from rsafe_proxy.upstream import Upstream
+
+log = logging.getLogger("rsafe_proxy")
+
+
+def engine_options(guard: GuardSettings) -> dict[str, Any]:
+    """The keyword options the selected engine is built with."""
+    name = guard.engine_name()
+    if name == "openai":
+        if not guard.url:
+            raise ValueError("guard.url (RSAFE_GUARD_URL) is required by the openai guard engine")
+        return {
+            "url": guard.url,
+            "model": guard.model or "rsafe",
+            "api_key": guard.api_key.get_secret_value() if guard.api_key else None,
+            "timeout_s": guard.timeout_s,
+        }
+    return {**guard.options, "mode": guard.effective_mode()}
+
+
+def build_engine(guard: GuardSettings) -> GuardEngine:
+    """The guard engine the settings select (imported lazily)."""
+    return load_engine(guard.engine_name(), engine_options(guard))
+
+
+def build_screener(guard: GuardSettings, engine: GuardEngine) -> Screener:
+    """A screener over `engine` with the settings' sampling, timeout and cache."""
+    sampling = Sampling(guard.temperature, guard.top_p, guard.repetition_penalty, guard.max_tokens)
+    settings = ScreenSettings(guard.effective_mode(), guard.template, guard.score_threshold, guard.timeout_s, sampling)
+    cache: TTLCache[Verdict] = TTLCache(guard.cache.max_entries, guard.cache.ttl_s)
+    return Screener(engine, settings, cache)
+
+
+def policy_paths(settings: Settings) -> dict[str, Path]:
+    """Each tenant's policy file."""
+    base = Path(settings.base_dir)
+    return {tenant.id: resolve_policy_path(tenant.policy, base) for tenant in settings.tenants}
+
+
+@dataclass
+class Runtime:
+    """The live parts of one proxy."""
+
+    settings: Settings
+    policies: PolicyStore
+    tenants: TenantDirectory
+    recorder: Recorder
+    engine: GuardEngine
+    client: httpx.AsyncClient
+    pipeline: Pipeline
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @property
+    def engine_name(self) -> str:
+        return self.engine.name
+
+    @classmethod
+    def start(
+        cls, settings: Settings, policies: PolicyStore, env: Mapping[str, str] | None = None
+    ) -> Runtime:
+        """Build the runtime; the engine loads its model in the background (see /readyz)."""
+        recorder = Recorder(settings.telemetry, settings.base_dir)
+        engine = build_engine(settings.guard)
+        upstream_settings = settings.upstream
+        client = httpx.AsyncClient(
+            timeout=httpx.Timeout(upstream_settings.timeout_s, connect=upstream_settings.connect_timeout_s),
+            limits=httpx.Limits(
+                max_connections=upstream_settings.max_connections,
+                max_keepalive_connections=upstream_settings.max_connections,
+            ),
+        )
+        key = upstream_settings.api_key.get_secret_value() if upstream_settings.api_key else None
+        pipeline = Pipeline(
+            build_screener(settings.guard, engine),
+            Upstream(client, upstream_settings.base_url),
+            recorder,
+            engine.name,
+            parallel=settings.server.input_screening == "parallel",
+            upstream_api_key=key,
+        )
+        tenants = TenantDirectory(settings.tenants, os.environ if env is None else env)
+        for name in tenants.missing_env:
+            log.warning("tenant key variable %s is not set: that key cannot be used", name)
+        runtime = cls(settings, policies, tenants, recorder, engine, client, pipeline)
+        if settings.policy_reload_s > 0:
+            runtime.tasks.append(asyncio.create_task(runtime._watch_policies()))
+        warm = getattr(engine, "start", None)
+        if warm is not None:
+            runtime.tasks.append(asyncio.create_task(warm()))
+        return runtime
+
+    async def _watch_policies(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.policy_reload_s)
+            before = self.policies.reload_errors
+            await asyncio.to_thread(self.policies.reload_changed)
+            if self.policies.reload_errors > before:
+                self.recorder.metrics.policy_reload_errors.inc(self.policies.reload_errors - before)
+
+    async def guard_ready(self) -> bool:
+        """True when the engine can answer now."""
+        try:
+            ready = await asyncio.wait_for(self.engine.ready(), timeout=5)
+        except Exception:  # a readiness probe must answer, whatever the engine does
+            ready = False
+        self.recorder.metrics.guard_ready.set(1 if ready else 0)
+        return ready
+
+    async def close(self) -> None:
+        """Stop background work and release every resource."""
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        await self.engine.aclose()
+        await self.client.aclose()
+        self.recorder.shutdown()

@@ -1,0 +1,179 @@
+"""Server-sent events from the upstream, screened in windows before they are released to the client.
+
+`chunked` (default): events are held until the text they carry has been judged, one window at a time.
+`buffer`: one verdict at the end. `async`: text is released at once and the stream is cut on a violation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from rsafe_proxy.bodies import Kind, delta_text, final_chunk
+from rsafe_proxy.policy.decide import Decision
+from rsafe_proxy.policy.schema import StreamMode, StreamSettings
+
+DONE = b"data: [DONE]\n\n"
+
+# judge(choice index, window text) -> the decision on it
+Judge = Callable[[int, str], Awaitable[Decision]]
+
+
+@dataclass
+class Event:
+    """One SSE event: its raw bytes, and the JSON it carries (None for [DONE] or comments)."""
+
+    raw: bytes
+    data: dict[str, Any] | None
+    done: bool = False
+
+
+async def sse_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[Event]:
+    """Split a byte stream into SSE events (blank-line separated, CRLF or LF)."""
+    buffer = b""
+    async for chunk in chunks:
+        buffer += chunk.replace(b"\r\n", b"\n")
+        while b"\n\n" in buffer:
+            raw, buffer = buffer.split(b"\n\n", 1)
+            yield _event(raw + b"\n\n")
+    if buffer.strip():
+        yield _event(buffer.rstrip(b"\n") + b"\n\n")
+
+
+def _event(raw: bytes) -> Event:
+    lines = [line[5:].lstrip() for line in raw.split(b"\n") if line.startswith(b"data:")]
+    payload = b"\n".join(lines).strip()
+    if payload == b"[DONE]":
+        return Event(raw, None, done=True)
+    try:
+        data = json.loads(payload) if payload else None
+    except ValueError:
+        data = None
+    return Event(raw, data if isinstance(data, dict) else None)
+
+
+def encode(data: dict[str, Any]) -> bytes:
+    """One SSE data event."""
+    return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+
+
+@dataclass
+class _Choice:
+    released: str = ""
+    pending: str = ""
+
+
+@dataclass
+class WindowedScreen:
+    """Holds events back until the text they carry has passed the guard."""
+
+    kind: Kind
+    settings: StreamSettings
+    judge: Judge
+    choices: dict[int, _Choice] = field(default_factory=dict)
+    held: list[bytes] = field(default_factory=list)
+    template: dict[str, Any] = field(default_factory=dict)
+    windows: int = 0
+
+    def _take(self, event: Event) -> None:
+        if event.data is None:
+            return
+        self.template = self.template or event.data
+        for choice in event.data.get("choices") or []:
+            if isinstance(choice, dict):
+                index = int(choice.get("index") or 0)
+                self.choices.setdefault(index, _Choice()).pending += delta_text(self.kind, choice)
+
+    def _window_full(self) -> bool:
+        if self.settings.mode is StreamMode.BUFFER:
+            return False
+        return any(len(choice.pending) >= self.settings.window_chars for choice in self.choices.values())
+
+    async def _judge_pending(self) -> tuple[int, Decision] | None:
+        """Judge every choice's pending text (with overlap); the first failing choice, or None."""
+        work = {
+            index: choice.released[-self.settings.overlap_chars :] + choice.pending
+            if self.settings.overlap_chars
+            else choice.pending
+            for index, choice in self.choices.items()
+            if choice.pending.strip()
+        }
+        # taken before the await: in async mode more text arrives while this window is judged
+        for choice in self.choices.values():
+            choice.released += choice.pending
+            choice.pending = ""
+        if not work:
+            return None
+        self.windows += 1
+        decisions = await asyncio.gather(*(self.judge(index, text) for index, text in work.items()))
+        for index, decision in zip(work, decisions, strict=True):
+            if not decision.outcome.passes:
+                return index, decision
+        return None
+
+    def _cut(self, index: int, decision: Decision) -> list[bytes]:
+        message = decision.message
+        return [encode(final_chunk(self.kind, self.template, index, message)), DONE]
+
+    async def run(self, events: AsyncIterator[Event]) -> AsyncIterator[bytes]:
+        """The bytes to send to the client, in order, each only after its verdict (chunked/buffer)."""
+        if self.settings.mode is StreamMode.ASYNC:
+            async for out in self._run_async(events):
+                yield out
+            return
+        async for event in events:
+            if event.done:
+                break
+            self.held.append(event.raw)
+            self._take(event)
+            if self._window_full():
+                failed = await self._judge_pending()
+                if failed:
+                    for out in self._cut(*failed):
+                        yield out
+                    return
+                yield b"".join(self.held)
+                self.held.clear()
+        failed = await self._judge_pending()
+        if failed:
+            for out in self._cut(*failed):
+                yield out
+            return
+        yield b"".join(self.held) + DONE
+
+    async def _run_async(self, events: AsyncIterator[Event]) -> AsyncIterator[bytes]:
+        """Release text at once; judge windows in the background; hold only the end of the stream."""
+        checks: list[asyncio.Task[tuple[int, Decision] | None]] = []
+        tail: list[bytes] = []
+        try:
+            async for event in events:
+                if event.done:
+                    break
+                for task in checks:
+                    if task.done() and (failed := task.result()):
+                        for out in self._cut(*failed):
+                            yield out
+                        return
+                self._take(event)
+                finishing = any(
+                    isinstance(c, dict) and c.get("finish_reason") for c in (event.data or {}).get("choices") or []
+                )
+                if finishing:
+                    tail.append(event.raw)
+                else:
+                    yield event.raw
+                if self._window_full():
+                    checks.append(asyncio.create_task(self._judge_pending()))
+            checks.append(asyncio.create_task(self._judge_pending()))
+            for task in checks:
+                if failed := await task:
+                    for out in self._cut(*failed):
+                        yield out
+                    return
+            yield b"".join(tail) + DONE
+        finally:
+            for task in checks:
+                task.cancel()
