@@ -152,19 +152,39 @@ def cmd_decisions(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _eval(args: argparse.Namespace) -> int:
+    from rsafe_proxy.eval_command import run_eval
+    from rsafe_proxy.runtime import build_engine, build_screener
+
+    settings = _settings(args)
+    policy = _policy(args, settings)
+    engine = build_engine(settings.guard)
+    try:
+        return await run_eval(build_screener(settings.guard, engine), policy, args)
+    finally:
+        await engine.aclose()
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    return asyncio.run(_eval(args))
+
+
 def parser() -> argparse.ArgumentParser:
     """The command line."""
     top = argparse.ArgumentParser(prog="rsafe-proxy", description="An OpenAI-compatible proxy that screens prompts and answers with an RSafe guard.")
-    top.add_argument("--config", help="proxy.yaml (default: ./proxy.yaml, else the packaged default)")
+    config_help = "proxy.yaml (default: ./proxy.yaml, else the packaged default)"
+    top.add_argument("--config", help=config_help)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default=argparse.SUPPRESS, help=config_help)
     commands = top.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="run the proxy")
+    serve = commands.add_parser("serve", parents=[common], help="run the proxy")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(run=cmd_serve)
 
-    check = commands.add_parser("check", help="screen one text with the configured guard and print the verdict")
+    check = commands.add_parser("check", parents=[common], help="screen one text with the configured guard and print the verdict")
     check.add_argument("text")
     check.add_argument("--side", choices=["input", "output"], default="input")
     check.add_argument("--prompt", help="with --side output: the user prompt the text answers")
@@ -172,20 +192,25 @@ def parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help="print one JSON object")
     check.set_defaults(run=cmd_check)
 
-    policy = commands.add_parser("policy", help="validate, describe and test policy files").add_subparsers(dest="policy_command", required=True)
-    validate = policy.add_parser("validate", help="check policy files; every problem with its line")
+    policy = commands.add_parser("policy", parents=[common], help="validate, describe and test policy files").add_subparsers(dest="policy_command", required=True)
+    validate = policy.add_parser("validate", parents=[common], help="check policy files; every problem with its line")
     validate.add_argument("files", nargs="+")
     validate.set_defaults(run=cmd_policy_validate)
-    schema = policy.add_parser("schema", help="print the policy JSON Schema (for editors)")
+    schema = policy.add_parser("schema", parents=[common], help="print the policy JSON Schema (for editors)")
     schema.set_defaults(run=cmd_policy_schema)
-    test = policy.add_parser("test", help="run a policy's examples against the configured guard")
+    test = policy.add_parser("test", parents=[common], help="run a policy's examples against the configured guard")
     test.add_argument("file")
     test.set_defaults(run=cmd_policy_test)
 
-    decisions = commands.add_parser("decisions", help="print the latest screening decisions from the spans file")
+    decisions = commands.add_parser("decisions", parents=[common], help="print the latest screening decisions from the spans file")
     decisions.add_argument("--file", help="spans file (default: telemetry.spans_file)")
     decisions.add_argument("--last", type=int, default=20)
     decisions.set_defaults(run=cmd_decisions)
+    from rsafe_proxy.eval_command import add_eval_arguments
+
+    evaluate = commands.add_parser("eval", parents=[common], help="measure the configured guard on labelled JSONL datasets")
+    add_eval_arguments(evaluate)
+    evaluate.set_defaults(run=cmd_eval)
     return top
 
 

@@ -1,0 +1,125 @@
+"""`rsafe-proxy eval`: the configured guard on labelled JSONL files, one table row per file."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from rsafe_proxy.evaluation import Metrics, compute_metrics, format_table
+from rsafe_proxy.guard.protocol import Side
+from rsafe_proxy.guard.screen import Screener, Verdict
+from rsafe_proxy.policy.schema import Policy
+
+
+@dataclass(frozen=True)
+class Row:
+    """One labelled example in the normalized dataset format."""
+
+    id: str
+    prompt: str
+    response: str | None
+    label: str
+
+    @property
+    def side(self) -> Side:
+        return Side.OUTPUT if self.response is not None else Side.INPUT
+
+
+def read_rows(path: Path, limit: int | None = None) -> list[Row]:
+    """Rows of a normalized JSONL file ({id, prompt, response, label, task}); a bad line names its number."""
+    rows = []
+    with path.open(encoding="utf-8") as file:
+        for number, line in enumerate(file, 1):
+            if not line.strip():
+                continue
+            try:
+                data: dict[str, Any] = json.loads(line)
+                label = data["label"]
+                if label not in ("safe", "unsafe"):
+                    raise ValueError(f"label must be safe or unsafe, not {label!r}")
+                response = data.get("response") if data.get("task", "prompt") == "response" else None
+                rows.append(Row(str(data.get("id", number)), str(data["prompt"]), response, label))
+            except (ValueError, KeyError, TypeError) as error:
+                raise ValueError(f"{path}:{number}: not a normalized row ({error})") from None
+            if limit is not None and len(rows) >= limit:
+                break
+    return rows
+
+
+async def evaluate_file(
+    screener: Screener, policy: Policy, rows: Sequence[Row], concurrency: int, name: str
+) -> list[Verdict]:
+    """Screen every row (input side for prompts, output side for responses), `concurrency` at a time."""
+    gate = asyncio.Semaphore(concurrency)
+    progress = tqdm(total=len(rows), desc=name, unit="row", file=sys.stderr, leave=False)
+
+    async def one(row: Row) -> Verdict:
+        async with gate:
+            verdict = await screener.screen(policy, row.side, row.prompt, row.response)
+        progress.update(1)
+        return verdict
+
+    try:
+        return list(await asyncio.gather(*(one(row) for row in rows)))
+    finally:
+        progress.close()
+
+
+def metrics_of(rows: Sequence[Row], verdicts: Sequence[Verdict]) -> Metrics:
+    """The evaluation metrics; cached verdicts do not count towards latency."""
+    return compute_metrics(
+        [row.label for row in rows],
+        [verdict.label.value for verdict in verdicts],
+        [verdict.seconds for verdict in verdicts if not verdict.cached] or None,
+        [verdict.completion_tokens for verdict in verdicts] if any(v.completion_tokens for v in verdicts) else None,
+    )
+
+
+def write_predictions(path: Path, rows: Sequence[Row], verdicts: Sequence[Verdict], source: str) -> None:
+    """Append one JSON line per row: gold, prediction, probability, reasoning, latency."""
+    with path.open("a", encoding="utf-8") as file:
+        for row, verdict in zip(rows, verdicts, strict=True):
+            record = {
+                "file": source, "id": row.id, "label": row.label, "prediction": verdict.label.value,
+                "unsafe_probability": verdict.unsafe_probability, "seconds": round(verdict.seconds, 4),
+                "completion_tokens": verdict.completion_tokens, "reasoning": verdict.reasoning, "error": verdict.error,
+            }
+            file.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `rsafe-proxy eval`."""
+    parser.add_argument("--data", action="append", required=True, type=Path, help="normalized JSONL (repeatable)")
+    parser.add_argument("--limit", type=int, help="first N rows of each file")
+    parser.add_argument("--policy", help="a policy file (default: the first tenant's policy)")
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--predictions", type=Path, help="write predictions and reasoning to this JSONL file")
+    parser.add_argument("--json", type=Path, help="write the metrics as JSON")
+
+
+async def run_eval(screener: Screener, policy: Policy, args: argparse.Namespace) -> int:
+    """Evaluate every --data file and print the table."""
+    if args.predictions:
+        args.predictions.write_text("", encoding="utf-8")
+    results: list[tuple[str, Metrics]] = []
+    for path in args.data:
+        rows = read_rows(path, args.limit)
+        if not rows:
+            print(f"{path}: no rows", file=sys.stderr)
+            continue
+        verdicts = await evaluate_file(screener, policy, rows, max(1, args.concurrency), path.stem)
+        results.append((path.stem, metrics_of(rows, verdicts)))
+        if args.predictions:
+            write_predictions(args.predictions, rows, verdicts, path.name)
+    print(format_table(results))
+    if args.json:
+        args.json.write_text(json.dumps({name: m.as_dict() for name, m in results}, indent=2), encoding="utf-8")
+    return 0
