@@ -57,7 +57,9 @@ def parse_json(raw: bytes) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise InvalidRequest("The request body is not UTF-8 encoded JSON.") from None
     except json.JSONDecodeError as error:
-        raise InvalidRequest(f"The request body is not valid JSON: {error.msg} (line {error.lineno}, column {error.colno}).") from None
+        raise InvalidRequest(
+            f"The request body is not valid JSON: {error.msg} (line {error.lineno}, column {error.colno})."
+        ) from None
     if not isinstance(data, dict):
         raise InvalidRequest("The request body must be a JSON object.")
     return data
@@ -103,16 +105,28 @@ def message_text(content: str | list[ContentPart] | None) -> str:
     return "\n".join(part.text for part in content if part.text)
 
 
+# Roles whose text the input screen judges: what the caller wrote. Assistant turns are the model's own
+# (screened when they were produced); tool results are data, not the caller's request.
+SCREENED_ROLES = frozenset({"user", "system", "developer"})
+
+
 def user_turns(kind: Kind, request: ChatRequest | CompletionRequest) -> list[str]:
-    """The texts the input screen judges: every user turn (chat), or every prompt (completions)."""
+    """The texts the input screen judges: every user, system and developer turn, or every prompt."""
     if isinstance(request, CompletionRequest):
         return [request.prompt] if isinstance(request.prompt, str) else list(request.prompt)
-    return [text for message in request.messages if message.role == "user" and (text := message_text(message.content))]
+    return [
+        text
+        for message in request.messages
+        if message.role in SCREENED_ROLES and (text := message_text(message.content))
+    ]
 
 
-def last_prompt(turns: list[str]) -> str:
+def last_prompt(request: ChatRequest | CompletionRequest) -> str:
     """The user text an answer replies to (the output screen's `User:` line)."""
-    return turns[-1] if turns else ""
+    if isinstance(request, CompletionRequest):
+        return request.prompt if isinstance(request.prompt, str) else "\n\n".join(request.prompt)
+    users = [message_text(message.content) for message in request.messages if message.role == "user"]
+    return users[-1] if users else ""
 
 
 def choice_text(kind: Kind, choice: dict[str, Any]) -> str:
@@ -150,7 +164,7 @@ def replace_choice(kind: Kind, choice: dict[str, Any], message: str) -> dict[str
 
 def final_chunk(kind: Kind, template: dict[str, Any], index: int, message: str) -> dict[str, Any]:
     """A streamed chunk that carries the policy's message and ends the choice with content_filter."""
-    base = {key: template[key] for key in ("id", "object", "created", "model") if key in template}
+    base: dict[str, Any] = {key: template[key] for key in ("id", "object", "created", "model") if key in template}
     if kind == "completion":
         choice: dict[str, Any] = {"index": index, "text": message, "finish_reason": "content_filter"}
         return {**base, "object": base.get("object", "text_completion"), "choices": [choice]}

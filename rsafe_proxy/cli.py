@@ -57,12 +57,22 @@ async def _check(args: argparse.Namespace) -> int:
         await engine.aclose()
     decision = decide(policy, side, verdict)
     if args.json:
-        print(json.dumps({
-            "verdict": verdict.label.value, "action": decision.outcome.value, "categories": list(decision.categories),
-            "policy": policy.id, "policy_version": policy.version, "engine": engine.name,
-            "unsafe_probability": verdict.unsafe_probability, "seconds": round(verdict.seconds, 3),
-            "reasoning": verdict.reasoning, "error": verdict.error,
-        }))
+        print(
+            json.dumps(
+                {
+                    "verdict": verdict.label.value,
+                    "action": decision.outcome.value,
+                    "categories": list(decision.categories),
+                    "policy": policy.id,
+                    "policy_version": policy.version,
+                    "engine": engine.name,
+                    "unsafe_probability": verdict.unsafe_probability,
+                    "seconds": round(verdict.seconds, 3),
+                    "reasoning": verdict.reasoning,
+                    "error": verdict.error,
+                }
+            )
+        )
     else:
         print(f"verdict:    {verdict.label.value}")
         print(f"action:     {decision.outcome.value}")
@@ -118,7 +128,8 @@ async def _policy_test(args: argparse.Namespace) -> int:
             ok = verdict.label.value == example.expected
             failures += not ok
             text = " ".join(example.text.split())[:70]
-            print(f"{'PASS' if ok else 'FAIL':<6} {example.side.value:<6} {example.expected:<8} {verdict.label.value:<8} {text}")
+            result = "PASS" if ok else "FAIL"
+            print(f"{result:<6} {example.side.value:<6} {example.expected:<8} {verdict.label.value:<8} {text}")
     finally:
         await engine.aclose()
     print(f"{len(policy.examples) - failures}/{len(policy.examples)} examples pass ({policy.id}@{policy.version})")
@@ -127,6 +138,9 @@ async def _policy_test(args: argparse.Namespace) -> int:
 
 def cmd_policy_test(args: argparse.Namespace) -> int:
     return asyncio.run(_policy_test(args))
+
+
+_DECISION_COLUMNS = (("rsafe.side", 6), ("rsafe.verdict", 7), ("rsafe.action", 17))
 
 
 def cmd_decisions(args: argparse.Namespace) -> int:
@@ -144,11 +158,11 @@ def cmd_decisions(args: argparse.Namespace) -> int:
     rows = list(read_decisions(str(spans_path)))[-args.last :]
     for span in rows:
         attrs = span.get("attributes", {})
-        print(
-            f"{span.get('start_time', '')[:19]}  {attrs.get('rsafe.tenant', '-'):<10} {attrs.get('rsafe.side', '-'):<6} "
-            f"{attrs.get('rsafe.verdict', '-'):<7} {attrs.get('rsafe.action', '-'):<17} "
-            f"{','.join(attrs.get('rsafe.categories', [])) or '-':<10} {attrs.get('rsafe.policy.id', '')}@{attrs.get('rsafe.policy.version', '')}"
-        )
+        categories = ",".join(attrs.get("rsafe.categories", [])) or "-"
+        policy = f"{attrs.get('rsafe.policy.id', '')}@{attrs.get('rsafe.policy.version', '')}"
+        cells = [str(span.get("start_time", ""))[:19], str(attrs.get("rsafe.tenant", "-")).ljust(10)]
+        cells += [str(attrs.get(key, "-")).ljust(width) for key, width in _DECISION_COLUMNS]
+        print("  ".join([*cells, categories.ljust(10), policy]))
     return 0
 
 
@@ -171,7 +185,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def parser() -> argparse.ArgumentParser:
     """The command line."""
-    top = argparse.ArgumentParser(prog="rsafe-proxy", description="An OpenAI-compatible proxy that screens prompts and answers with an RSafe guard.")
+    top = argparse.ArgumentParser(
+        prog="rsafe-proxy",
+        description="An OpenAI-compatible proxy that screens prompts and answers with an RSafe guard.",
+    )
     config_help = "proxy.yaml (default: ./proxy.yaml, else the packaged default)"
     top.add_argument("--config", help=config_help)
     common = argparse.ArgumentParser(add_help=False)
@@ -184,7 +201,9 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(run=cmd_serve)
 
-    check = commands.add_parser("check", parents=[common], help="screen one text with the configured guard and print the verdict")
+    check = commands.add_parser(
+        "check", parents=[common], help="screen one text with the configured guard and print the verdict"
+    )
     check.add_argument("text")
     check.add_argument("--side", choices=["input", "output"], default="input")
     check.add_argument("--prompt", help="with --side output: the user prompt the text answers")
@@ -192,7 +211,9 @@ def parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help="print one JSON object")
     check.set_defaults(run=cmd_check)
 
-    policy = commands.add_parser("policy", parents=[common], help="validate, describe and test policy files").add_subparsers(dest="policy_command", required=True)
+    policy = commands.add_parser(
+        "policy", parents=[common], help="validate, describe and test policy files"
+    ).add_subparsers(dest="policy_command", required=True)
     validate = policy.add_parser("validate", parents=[common], help="check policy files; every problem with its line")
     validate.add_argument("files", nargs="+")
     validate.set_defaults(run=cmd_policy_validate)
@@ -202,13 +223,17 @@ def parser() -> argparse.ArgumentParser:
     test.add_argument("file")
     test.set_defaults(run=cmd_policy_test)
 
-    decisions = commands.add_parser("decisions", parents=[common], help="print the latest screening decisions from the spans file")
+    decisions = commands.add_parser(
+        "decisions", parents=[common], help="print the latest screening decisions from the spans file"
+    )
     decisions.add_argument("--file", help="spans file (default: telemetry.spans_file)")
     decisions.add_argument("--last", type=int, default=20)
     decisions.set_defaults(run=cmd_decisions)
     from rsafe_proxy.eval_command import add_eval_arguments
 
-    evaluate = commands.add_parser("eval", parents=[common], help="measure the configured guard on labelled JSONL datasets")
+    evaluate = commands.add_parser(
+        "eval", parents=[common], help="measure the configured guard on labelled JSONL datasets"
+    )
     add_eval_arguments(evaluate)
     evaluate.set_defaults(run=cmd_eval)
     return top
@@ -232,5 +257,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-
-

@@ -88,9 +88,15 @@ def write_predictions(path: Path, rows: Sequence[Row], verdicts: Sequence[Verdic
     with path.open("a", encoding="utf-8") as file:
         for row, verdict in zip(rows, verdicts, strict=True):
             record = {
-                "file": source, "id": row.id, "label": row.label, "prediction": verdict.label.value,
-                "unsafe_probability": verdict.unsafe_probability, "seconds": round(verdict.seconds, 4),
-                "completion_tokens": verdict.completion_tokens, "reasoning": verdict.reasoning, "error": verdict.error,
+                "file": source,
+                "id": row.id,
+                "label": row.label,
+                "prediction": verdict.label.value,
+                "unsafe_probability": verdict.unsafe_probability,
+                "seconds": round(verdict.seconds, 4),
+                "completion_tokens": verdict.completion_tokens,
+                "reasoning": verdict.reasoning,
+                "error": verdict.error,
             }
             file.write(json.dumps(record, ensure_ascii=False) + "\n")
 

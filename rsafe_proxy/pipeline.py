@@ -16,6 +16,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Span, SpanKind
 
 from rsafe_proxy.bodies import (
+    SCREENED_ROLES,
     ChatRequest,
     CompletionRequest,
     Kind,
@@ -77,6 +78,7 @@ class _Screening:
     kind: Kind
     body: dict[str, Any]
     turns: list[str]
+    prompt: str
     span: Span
     started: float = field(default_factory=time.perf_counter)
     upstream_seconds: float = 0.0
@@ -122,13 +124,13 @@ class Pipeline:
     ) -> tuple[Verdict, Decision]:
         """One screen: a span, the guard call (or cache), the policy's decision."""
         policy, tenant = state.call.policy, state.call.tenant
-        with self.recorder.span(f"rsafe.screen {side.value}", parent=state.context, **{"rsafe.side": side.value}) as span:
-            span.update_name("rsafe.screen")
-            with self.recorder.span(
-                f"chat {self.engine_name}-guard",
-                kind=SpanKind.CLIENT,
-                **{"gen_ai.operation.name": "chat", "gen_ai.system": self.engine_name, "rsafe.engine": self.engine_name},
-            ):
+        with self.recorder.span("rsafe.screen", {"rsafe.side": side.value}, parent=state.context) as span:
+            guard_attributes = {
+                "gen_ai.operation.name": "chat",
+                "gen_ai.system": self.engine_name,
+                "rsafe.engine": self.engine_name,
+            }
+            with self.recorder.span(f"chat {self.engine_name}-guard", guard_attributes, kind=SpanKind.CLIENT):
                 verdict = await self.screener.screen(policy, side, prompt, response)
             decision = decide(policy, side, verdict)
             self.recorder.screen(span, tenant.id, policy, verdict, decision, self.engine_name)
@@ -162,7 +164,8 @@ class Pipeline:
     async def _open(self, state: _Screening | None, call: Call, content: bytes | None) -> httpx.Response:
         started = time.perf_counter()
         parent = state.context if state else None
-        with self.recorder.span(f"{call.method} {call.path}", kind=SpanKind.CLIENT, parent=parent, **{"server.address": self.upstream.base_url}):
+        attributes = {"server.address": self.upstream.base_url}
+        with self.recorder.span(f"{call.method} {call.path}", attributes, kind=SpanKind.CLIENT, parent=parent):
             response = await self.upstream.open(
                 call.method,
                 call.path,
@@ -208,7 +211,7 @@ class Pipeline:
                 "http.route": call.path,
             },
         )
-        state = _Screening(call, kind, body, user_turns(kind, request), span)
+        state = _Screening(call, kind, body, user_turns(kind, request), last_prompt(request), span)
         streamed = False
         try:
             reply = await self._complete(state, bool(request.stream))
@@ -281,10 +284,14 @@ class Pipeline:
         flagged = set(judged)
         messages = []
         for message in body["messages"]:
-            if isinstance(message, dict) and message.get("role") == "user":
+            if isinstance(message, dict) and message.get("role") in SCREENED_ROLES:
                 text = message.get("content")
-                joined = text if isinstance(text, str) else "\n".join(
-                    part.get("text", "") for part in text or [] if isinstance(part, dict) and part.get("text")
+                joined = (
+                    text
+                    if isinstance(text, str)
+                    else "\n".join(
+                        part.get("text", "") for part in text or [] if isinstance(part, dict) and part.get("text")
+                    )
                 )
                 if joined in flagged:
                     message = {**message, "content": instruction}
@@ -300,7 +307,7 @@ class Pipeline:
             assert isinstance(choices, list)
         except (ValueError, KeyError, TypeError, AssertionError):
             raise UpstreamUnavailable("The upstream model sent an answer the proxy cannot read.") from None
-        prompt = last_prompt(state.turns)
+        prompt = state.prompt
         texts = [choice_text(state.kind, choice) if isinstance(choice, dict) else "" for choice in choices]
         results = await asyncio.gather(
             *(self.screen(state, Side.OUTPUT, prompt, text) for text in texts if text.strip())
@@ -319,7 +326,7 @@ class Pipeline:
         return json.dumps(answer).encode() if changed else raw
 
     async def _stream(self, state: _Screening, response: httpx.Response) -> AsyncIterator[bytes]:
-        prompt = last_prompt(state.turns)
+        prompt = state.prompt
 
         async def judge(index: int, text: str) -> Decision:
             return (await self.screen(state, Side.OUTPUT, prompt, text))[1]

@@ -85,9 +85,7 @@ async def completions(request: Request) -> Response:
 async def responses(request: Request) -> Response:
     """POST /v1/responses: not screened yet, so refused rather than passed through unscreened."""
     return error_response(
-        InvalidRequest(
-            "The Responses API is not screened by this proxy yet; use /v1/chat/completions.", param=None
-        )
+        InvalidRequest("The Responses API is not screened by this proxy yet; use /v1/chat/completions.", param=None)
     )
 
 

@@ -80,9 +80,7 @@ class Runtime:
         return self.engine.name
 
     @classmethod
-    def start(
-        cls, settings: Settings, policies: PolicyStore, env: Mapping[str, str] | None = None
-    ) -> Runtime:
+    def start(cls, settings: Settings, policies: PolicyStore, env: Mapping[str, str] | None = None) -> Runtime:
         """Build the runtime; the engine loads its model in the background (see /readyz)."""
         recorder = Recorder(settings.telemetry, settings.base_dir)
         engine = build_engine(settings.guard)

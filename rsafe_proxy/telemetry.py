@@ -49,11 +49,17 @@ class Metrics:
             "rsafe_decisions", "Screening decisions", ["tenant", "side", "outcome"], registry=self.registry
         )
         self.guard_seconds = Histogram(
-            "rsafe_guard_seconds", "Guard call latency", ["engine", "side"], registry=self.registry,
+            "rsafe_guard_seconds",
+            "Guard call latency",
+            ["engine", "side"],
+            registry=self.registry,
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
         )
         self.overhead_seconds = Histogram(
-            "rsafe_overhead_seconds", "Time the proxy added to a request", ["route"], registry=self.registry,
+            "rsafe_overhead_seconds",
+            "Time the proxy added to a request",
+            ["route"],
+            registry=self.registry,
             buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10),
         )
         self.cache_hits = Counter("rsafe_verdict_cache_hits", "Verdicts served from the cache", registry=self.registry)
@@ -74,7 +80,11 @@ class Recorder:
     def __init__(self, settings: TelemetrySettings, base_dir: str = ".") -> None:
         self.provider = TracerProvider(resource=Resource.create({"service.name": settings.service_name}))
         if settings.spans_file:
-            path = settings.spans_file if os.path.isabs(settings.spans_file) else os.path.join(base_dir, settings.spans_file)
+            path = (
+                settings.spans_file
+                if os.path.isabs(settings.spans_file)
+                else os.path.join(base_dir, settings.spans_file)
+            )
             self.provider.add_span_processor(BatchSpanProcessor(JsonLinesExporter(path), schedule_delay_millis=500))
             self.spans_file: str | None = path
         else:
@@ -88,13 +98,20 @@ class Recorder:
 
     @contextmanager
     def span(
-        self, name: str, kind: SpanKind = SpanKind.INTERNAL, parent: Context | None = None, **attributes: Any
+        self,
+        name: str,
+        attributes: dict[str, Any] | None = None,
+        kind: SpanKind = SpanKind.INTERNAL,
+        parent: Context | None = None,
     ) -> Iterator[Span]:
         """A span, child of `parent` (default: the current span); an exception marks it as an error."""
-        with self.tracer.start_as_current_span(name, context=parent, kind=kind, attributes=_clean(attributes)) as span:
+        attributes = _clean(attributes or {})
+        with self.tracer.start_as_current_span(name, context=parent, kind=kind, attributes=attributes) as span:
             yield span
 
-    def screen(self, span: Span, tenant: str, policy: Policy, verdict: Verdict, decision: Decision, engine: str) -> None:
+    def screen(
+        self, span: Span, tenant: str, policy: Policy, verdict: Verdict, decision: Decision, engine: str
+    ) -> None:
         """Record one screening decision on its span and in the metrics."""
         span.set_attributes(
             _clean(

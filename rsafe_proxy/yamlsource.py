@@ -38,15 +38,29 @@ class FileInvalid(Exception):
         super().__init__("\n".join(str(problem) for problem in self.problems))
 
 
-def _lines(node: yaml.Node, path: tuple[str | int, ...], into: dict[tuple[str | int, ...], int]) -> None:
+class InvalidPart(ValueError):
+    """Raised by a validator about one part of the value it checks (the second of two equal ids, say):
+    `location` is relative to the validated field, so the problem points at that part's line."""
+
+    def __init__(self, location: Sequence[str | int], message: str) -> None:
+        super().__init__(message)
+        self.location = tuple(location)
+
+
+def _lines(
+    node: yaml.Node, path: tuple[str | int, ...], into: dict[tuple[str | int, ...], int], repeated: list[tuple[str, int]]
+) -> None:
     into[path] = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
         for key, value in node.value:
-            into[(*path, f"{key.value}\0key")] = key.start_mark.line + 1
-            _lines(value, (*path, key.value), into)
+            where = (*path, f"{key.value}\0key")
+            if where in into and key.value != "<<":
+                repeated.append((str(key.value), key.start_mark.line + 1))
+            into[where] = key.start_mark.line + 1
+            _lines(value, (*path, key.value), into, repeated)
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
-            _lines(item, (*path, index), into)
+            _lines(item, (*path, index), into, repeated)
 
 
 @dataclass(frozen=True)
@@ -71,11 +85,15 @@ def read_yaml(path: str | Path, transform: Callable[[str], str] | None = None) -
     """Parse the YAML file at `path` (after `transform` of its text, e.g. env interpolation)."""
     name = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        raw = Path(path).read_bytes()
     except OSError as error:
         raise FileInvalid([Problem(name, None, f"cannot read the file: {error.strerror or error}")]) from None
-    except UnicodeDecodeError:
-        raise FileInvalid([Problem(name, None, "the file is not UTF-8 text")]) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        message = f"the file is not UTF-8 text (byte 0x{raw[error.start]:02x}); save it with UTF-8 encoding"
+        raise FileInvalid([Problem(name, line, message)]) from None
     if transform is not None:
         text = transform(text)
     try:
@@ -88,19 +106,31 @@ def read_yaml(path: str | Path, transform: Callable[[str], str] | None = None) -
     except yaml.YAMLError as error:
         raise FileInvalid([Problem(name, None, f"not valid YAML: {error}")]) from None
     lines: dict[tuple[str | int, ...], int] = {}
+    repeated: list[tuple[str, int]] = []
     if node is not None:
-        _lines(node, (), lines)
+        _lines(node, (), lines, repeated)
+    if repeated:
+        # YAML keeps the last of two equal keys without a word: an edit would silently undo another
+        raise FileInvalid([Problem(name, line, f"the field '{key}' appears twice here") for key, line in repeated])
     return YamlDocument(name, data, lines)
 
 
-def _plain(error: Mapping[str, Any]) -> str:
-    loc = ".".join(str(part) for part in error["loc"]) or "(top level)"
+def _plain(error: Mapping[str, Any], location: Sequence[str | int]) -> str:
+    loc = ".".join(str(part) for part in location) or "(top level)"
     kind = error["type"]
     if kind == "extra_forbidden":
         return f"unknown field '{loc}' (check its spelling)"
     if kind == "missing":
         return f"missing required field '{loc}'"
+    if kind == "too_short":
+        return f"'{loc}': must list at least {error.get('ctx', {}).get('min_length', 1)} item(s)"
     message = str(error["msg"]).removeprefix("Value error, ")
+    found = error.get("input")
+    if kind in ("literal_error", "enum") or kind.endswith(("_type", "_parsing")):
+        if found is None:
+            message += " (the value is empty)"
+        elif isinstance(found, str | int | float | bool):
+            message += f" (found {found!r})"
     return f"'{loc}': {message}"
 
 
@@ -114,6 +144,9 @@ def validate(document: YamlDocument, model: type[Model], context: Mapping[str, A
         problems = []
         for item in error.errors():
             loc = list(item["loc"])
+            part = item.get("ctx", {}).get("error")
+            if isinstance(part, InvalidPart):
+                loc.extend(part.location)
             line = document.line_of([*loc[:-1], f"{loc[-1]}\0key"]) if item["type"] == "extra_forbidden" else None
-            problems.append(Problem(document.path, line or document.line_of(loc), _plain(item)))
+            problems.append(Problem(document.path, line or document.line_of(loc), _plain(item, loc)))
         raise FileInvalid(problems) from None

@@ -84,9 +84,7 @@ def neutralize(content: str) -> str:
     return content
 
 
-def render_prompt(
-    template: str, categories: Sequence[CategoryLine], prompt: str, response: str | None = None
-) -> str:
+def render_prompt(template: str, categories: Sequence[CategoryLine], prompt: str, response: str | None = None) -> str:
     """Fill `template` in one pass, so text inside the content is never taken for a placeholder."""
     values = {
         "CATEGORIES": render_categories(categories),

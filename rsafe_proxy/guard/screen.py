@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from rsafe_proxy.guard.cache import TTLCache, cache_key
 from rsafe_proxy.guard.engine import GuardEngine, GuardEngineError, GuardOutput, Sampling
@@ -35,7 +35,7 @@ class ScreenSettings:
     template: str | None = None
     score_threshold: float = 0.5
     timeout_s: float = 60.0
-    sampling: Sampling = Sampling()
+    sampling: Sampling = field(default_factory=Sampling)
 
 
 class Screener:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from rsafe_proxy.policy.loading import load_policy
 from rsafe_proxy.policy.schema import Policy
-from rsafe_proxy.yamlsource import FileInvalid
+from rsafe_proxy.yamlsource import FileInvalid, Problem
 
 log = logging.getLogger("rsafe_proxy.policy")
 
@@ -41,7 +41,7 @@ class PolicyStore:
     @classmethod
     def load(cls, paths: Mapping[str, Path]) -> PolicyStore:
         """Load every tenant's policy; raises FileInvalid (start-up must stop on a bad policy)."""
-        problems = []
+        problems: list[Problem] = []
         entries = {}
         for tenant, path in paths.items():
             try:
