@@ -116,10 +116,10 @@ async def _policy_test(args: argparse.Namespace) -> int:
         print(f"{args.file}: no examples to run")
         return 0
     engine = build_engine(settings.guard)
-    screener = build_screener(settings.guard, engine)
     failures = 0
-    print(f"{'result':<6} {'side':<6} {'expected':<8} {'verdict':<8} text")
+    print(f"{'result':<6} {'side':<6} {'expected':<8} {'verdict':<8} {'action (categories)':<24} text")
     try:
+        screener = build_screener(settings.guard, engine)
         for example in policy.examples:
             if example.side is Side.OUTPUT:
                 verdict = await screener.screen(policy, example.side, example.prompt or "", example.text)
@@ -129,7 +129,11 @@ async def _policy_test(args: argparse.Namespace) -> int:
             failures += not ok
             text = " ".join(example.text.split())[:70]
             result = "PASS" if ok else "FAIL"
-            print(f"{result:<6} {example.side.value:<6} {example.expected:<8} {verdict.label.value:<8} {text}")
+            # the action shows what the categories named in the reasoning make of the verdict
+            decision = decide(policy, example.side, verdict)
+            action = decision.outcome.value + (f" ({','.join(decision.categories)})" if decision.categories else "")
+            label, side = verdict.label.value, example.side.value
+            print(f"{result:<6} {side:<6} {example.expected:<8} {label:<8} {action:<24} {text}")
     finally:
         await engine.aclose()
     print(f"{len(policy.examples) - failures}/{len(policy.examples)} examples pass ({policy.id}@{policy.version})")

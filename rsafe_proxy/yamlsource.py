@@ -47,9 +47,33 @@ class InvalidPart(ValueError):
         self.location = tuple(location)
 
 
-def _lines(
-    node: yaml.Node, path: tuple[str | int, ...], into: dict[tuple[str | int, ...], int], repeated: list[tuple[str, int]]
-) -> None:
+Location = tuple[str | int, ...]
+
+# PyYAML's words for the usual hand-editing mistakes, in plain words. The scanner notices an unclosed quote
+# or bracket, or a missing ':', lines later: these problems are reported where the broken part starts.
+_YAML_HINTS = (
+    ("'\\t'", "a tab is used for indentation: indent with spaces only"),
+    ("while scanning a quoted scalar", "a quoted text starts here but is never closed"),
+    ("while parsing a flow sequence", "a list opened with '[' here is not closed properly"),
+    ("while parsing a flow mapping", "a mapping opened with '{' here is not closed properly"),
+    ("while scanning a simple key", "a field here has no ':' after its name"),
+    ("mapping values are not allowed here", "a second ':' on this line (put the value in quotes)"),
+    ("expected <block end>", "the indentation here does not line up with the lines above"),
+    ("expected a single document", "a second document ('---') starts here: the file must hold one"),
+)
+
+
+def _yaml_problem(path: str, error: yaml.MarkedYAMLError) -> Problem:
+    mark, context = error.problem_mark, error.context or ""
+    if error.context_mark is not None and (context.startswith("while scanning") or "flow" in context):
+        mark = error.context_mark
+    original = " ".join(part for part in (error.context, error.problem) if part) or str(error)
+    hint = next((hint for words, hint in _YAML_HINTS if words in original), None)
+    message = f"not valid YAML: {hint} ({original})" if hint else f"not valid YAML: {original}"
+    return Problem(path, mark.line + 1 if mark is not None else None, message)
+
+
+def _lines(node: yaml.Node, path: Location, into: dict[Location, int], repeated: list[tuple[str, int]]) -> None:
     into[path] = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
         for key, value in node.value:
@@ -91,27 +115,26 @@ def read_yaml(path: str | Path, transform: Callable[[str], str] | None = None) -
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
-        line = raw.count(b"\n", 0, error.start) + 1
+        bad_line = raw.count(b"\n", 0, error.start) + 1
         message = f"the file is not UTF-8 text (byte 0x{raw[error.start]:02x}); save it with UTF-8 encoding"
-        raise FileInvalid([Problem(name, line, message)]) from None
+        raise FileInvalid([Problem(name, bad_line, message)]) from None
     if transform is not None:
         text = transform(text)
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except yaml.MarkedYAMLError as error:
-        mark = error.problem_mark
-        line = mark.line + 1 if mark is not None else None
-        raise FileInvalid([Problem(name, line, f"not valid YAML: {error.problem or error}")]) from None
+        raise FileInvalid([_yaml_problem(name, error)]) from None
     except yaml.YAMLError as error:
         raise FileInvalid([Problem(name, None, f"not valid YAML: {error}")]) from None
-    lines: dict[tuple[str | int, ...], int] = {}
+    lines: dict[Location, int] = {}
     repeated: list[tuple[str, int]] = []
     if node is not None:
         _lines(node, (), lines, repeated)
     if repeated:
         # YAML keeps the last of two equal keys without a word: an edit would silently undo another
-        raise FileInvalid([Problem(name, line, f"the field '{key}' appears twice here") for key, line in repeated])
+        message = "'{}' is set a second time here (YAML would silently keep only the last)"
+        raise FileInvalid([Problem(name, line, message.format(key)) for key, line in repeated])
     return YamlDocument(name, data, lines)
 
 
@@ -123,7 +146,8 @@ def _plain(error: Mapping[str, Any], location: Sequence[str | int]) -> str:
     if kind == "missing":
         return f"missing required field '{loc}'"
     if kind == "too_short":
-        return f"'{loc}': must list at least {error.get('ctx', {}).get('min_length', 1)} item(s)"
+        least = error.get("ctx", {}).get("min_length", 1)
+        return f"'{loc}': must not be empty" if least == 1 else f"'{loc}': must list at least {least} items"
     message = str(error["msg"]).removeprefix("Value error, ")
     found = error.get("input")
     if kind in ("literal_error", "enum") or kind.endswith(("_type", "_parsing")):
@@ -134,6 +158,10 @@ def _plain(error: Mapping[str, Any], location: Sequence[str | int]) -> str:
     return f"'{loc}': {message}"
 
 
+def _inside(location: Sequence[str | int], container: Sequence[str | int]) -> bool:
+    return len(location) > len(container) and tuple(location[: len(container)]) == tuple(container)
+
+
 def validate(document: YamlDocument, model: type[Model], context: Mapping[str, Any] | None = None) -> Model:
     """The document as `model`, or FileInvalid listing every problem with its line."""
     if not isinstance(document.data, dict):
@@ -142,8 +170,11 @@ def validate(document: YamlDocument, model: type[Model], context: Mapping[str, A
         return model.model_validate(document.data, context=dict(context or {}))
     except pydantic.ValidationError as error:
         problems = []
-        for item in error.errors():
+        items = error.errors()
+        for item in items:
             loc = list(item["loc"])
+            if item["type"] == "too_short" and any(_inside(other["loc"], item["loc"]) for other in items):
+                continue  # pydantic counts only the valid entries: the real problems are inside the list
             part = item.get("ctx", {}).get("error")
             if isinstance(part, InvalidPart):
                 loc.extend(part.location)

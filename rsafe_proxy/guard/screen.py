@@ -8,7 +8,15 @@ from dataclasses import dataclass, field, replace
 
 from rsafe_proxy.guard.cache import TTLCache, cache_key
 from rsafe_proxy.guard.engine import GuardEngine, GuardEngineError, GuardOutput, Sampling
-from rsafe_proxy.guard.protocol import Label, Reading, Side, load_template, parse_verdict, render_prompt
+from rsafe_proxy.guard.protocol import (
+    Label,
+    Reading,
+    Side,
+    load_template,
+    named_categories,
+    parse_verdict,
+    render_prompt,
+)
 from rsafe_proxy.policy.schema import Policy
 
 
@@ -60,12 +68,16 @@ class Screener:
             top_p=overrides.top_p or self.settings.sampling.top_p,
         )
 
-    def _read(self, output: GuardOutput, policy: Policy, side: Side) -> Reading:
+    def _read(self, output: GuardOutput, policy: Policy, side: Side, content: str) -> Reading:
         if output.unsafe_probability is not None:
             unsafe = output.unsafe_probability >= self.settings.score_threshold
             why = f"score mode: P(unsafe) = {output.unsafe_probability:.3f}, threshold {self.settings.score_threshold}"
             return Reading(Label.UNSAFE if unsafe else Label.SAFE, why)
-        reading = parse_verdict(output.text, [category.id for category in policy.categories_for(side)])
+        ids = [category.id for category in policy.categories_for(side)]
+        # an id the content itself holds may be read back from the guard quoting it: a user could pick the
+        # mildest category that way, so only ids the content does not hold are attributed
+        quoted = set(named_categories(content, ids))
+        reading = parse_verdict(output.text, [known for known in ids if known not in quoted])
         if output.truncated and reading.label is Label.UNKNOWN:
             return Reading(Label.UNKNOWN, reading.reasoning + " [cut off at the reasoning budget]")
         return reading
@@ -79,7 +91,9 @@ class Screener:
 
     def remember(self, policy: Policy, side: Side, prompt: str, verdict: Verdict) -> None:
         """Cache `verdict` for `prompt` too (a turn judged safe as part of a larger screen)."""
-        if verdict.label is not Label.UNKNOWN:
+        # only safe: an unsafe verdict on several turns says nothing about each one, and cached it would
+        # block every later request that holds an innocent turn of that conversation ("hello")
+        if verdict.label is Label.SAFE:
             self.cache.put(self._key(policy, side, prompt, None), verdict)
 
     async def screen(self, policy: Policy, side: Side, prompt: str, response: str | None = None) -> Verdict:
@@ -101,7 +115,7 @@ class Screener:
             return Verdict(Label.UNKNOWN, seconds=time.perf_counter() - started, error="guard timed out")
         except GuardEngineError as error:
             return Verdict(Label.UNKNOWN, seconds=time.perf_counter() - started, error=str(error))
-        reading = self._read(output, policy, side)
+        reading = self._read(output, policy, side, f"{prompt}\n{response or ''}")
         verdict = Verdict(
             label=reading.label,
             reasoning=reading.reasoning,

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import json
-from typing import Annotated, Literal, Self
+import re
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from rsafe_proxy.guard.protocol import CategoryLine, Side
+from rsafe_proxy.yamlsource import InvalidPart
 
 
 class Action(enum.StrEnum):
@@ -49,10 +53,37 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _identifier(pattern: str, rule: str) -> AfterValidator:
+    """Checks `pattern` with a message in plain words (the JSON Schema still carries the pattern)."""
+    compiled = re.compile(pattern)
+
+    def check(value: str) -> str:
+        if not compiled.fullmatch(value):
+            raise ValueError(f"{value!r} is not a valid id: {rule}")
+        return value
+
+    return AfterValidator(check)
+
+
+# No '.' in category ids: attribution reads ids as words of the reasoning, and a '.' ends a sentence there.
+_CATEGORY_ID = r"[A-Za-z][A-Za-z0-9_-]*"
+_POLICY_ID = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
+CategoryId = Annotated[
+    str,
+    Field(min_length=1, max_length=32, json_schema_extra={"pattern": f"^{_CATEGORY_ID}$"}),
+    _identifier(_CATEGORY_ID, "start with a letter, then only letters, digits, '_' or '-' (like U1 or H2)"),
+]
+PolicyId = Annotated[
+    str,
+    Field(min_length=1, max_length=64, json_schema_extra={"pattern": f"^{_POLICY_ID}$"}),
+    _identifier(_POLICY_ID, "only letters, digits, '_', '.' or '-', starting with a letter or digit"),
+]
+
+
 class Category(_Frozen):
     """One unsafe-content category of the policy."""
 
-    id: Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[A-Za-z][A-Za-z0-9_.-]*$")]
+    id: CategoryId
     name: Annotated[str, Field(min_length=1, max_length=200)]
     description: str = ""
     action: Action = Action.BLOCK
@@ -60,9 +91,17 @@ class Category(_Frozen):
 
     @field_validator("name", "description")
     @classmethod
-    def _one_line_name(cls, value: str) -> str:
+    def _no_markup(cls, value: str) -> str:
         if "<" in value and ">" in value:
             raise ValueError("must not contain markup like <...>: it would change the guard prompt")
+        return value
+
+    @field_validator("name")
+    @classmethod
+    def _one_line_name(cls, value: str) -> str:
+        # the name is rendered as is into the category block: a line break would start a fake category line
+        if "\n" in value or "\r" in value:
+            raise ValueError("must be one line (put longer text in 'description')")
         return value
 
 
@@ -100,7 +139,7 @@ class StreamSettings(_Frozen):
     @model_validator(mode="after")
     def _overlap_smaller(self) -> Self:
         if self.overlap_chars >= self.window_chars:
-            raise ValueError("overlap_chars must be smaller than window_chars")
+            raise InvalidPart(["overlap_chars"], "must be smaller than window_chars")
         return self
 
 
@@ -131,7 +170,7 @@ class Example(_Frozen):
 class Policy(_Frozen):
     """A tenant's policy as written in its YAML file."""
 
-    id: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+    id: PolicyId
     description: str = ""
     template: Literal["rsafe"] = "rsafe"
     categories: Annotated[tuple[Category, ...], Field(min_length=1)]
@@ -146,18 +185,25 @@ class Policy(_Frozen):
     @field_validator("categories")
     @classmethod
     def _unique_ids(cls, categories: tuple[Category, ...]) -> tuple[Category, ...]:
-        seen: set[str] = set()
-        for category in categories:
-            if category.id.upper() in seen:
-                raise ValueError(f"category id {category.id!r} is used twice")
-            seen.add(category.id.upper())
+        seen: dict[str, int] = {}
+        for index, category in enumerate(categories):
+            first = seen.setdefault(category.id.upper(), index)
+            if first != index:
+                # ids are read from the reasoning without regard to case, so U1 and u1 are the same category
+                raise InvalidPart([index, "id"], f"category id {category.id!r} is already used by categories.{first}")
         return categories
 
-    @property
+    @functools.cached_property
     def version(self) -> str:
-        """A hash of the normalized content: every decision records it."""
+        """A hash of the normalized content: every decision records it. Computed once (the policy is frozen)."""
         canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        """A copy; with `update`, its version is computed afresh (the cached one belongs to this policy)."""
+        copy = super().model_copy(update=update, deep=deep)
+        copy.__dict__.pop("version", None)
+        return copy
 
     def categories_for(self, side: Side) -> tuple[Category, ...]:
         """The categories screened on `side`."""

@@ -15,20 +15,26 @@ from rsafe_proxy.yamlsource import FileInvalid, Problem
 log = logging.getLogger("rsafe_proxy.policy")
 
 
-def _stamp(path: Path) -> tuple[int, int] | None:
+_Stamp = tuple[int, int, int]
+_MISSING: _Stamp = (-1, -1, -1)
+
+
+def _stamp(path: Path) -> _Stamp:
     try:
         stat = os.stat(path)
     except OSError:
-        return None
-    return (stat.st_mtime_ns, stat.st_size)
+        return _MISSING
+    # the inode too: an editor that saves by renaming a new file over the old one may keep mtime and size
+    return (stat.st_ino, stat.st_mtime_ns, stat.st_size)
 
 
 @dataclass
 class _Entry:
     path: Path
     policy: Policy
-    stamp: tuple[int, int] | None
+    stamp: _Stamp
     error: str | None = None
+    changing: _Stamp | None = None  # seen changed by the latest call: read once it stays so
 
 
 @dataclass
@@ -61,13 +67,22 @@ class PolicyStore:
         return {tenant: entry.error for tenant, entry in self.entries.items() if entry.error}
 
     def reload_changed(self) -> list[str]:
-        """Reload the files that changed; returns the tenants whose policy was replaced."""
+        """Reload the files that changed and have stayed unchanged since the previous call; returns the tenants
+        whose policy was replaced.
+
+        A file is read only once it has settled: an editor writing it in place could otherwise be caught
+        half-way, and the first lines of a policy may well be a valid policy, with other actions.
+        """
         replaced = []
         for tenant, entry in self.entries.items():
             stamp = _stamp(entry.path)
             if stamp == entry.stamp:
+                entry.changing = None
                 continue
-            entry.stamp = stamp
+            if stamp != entry.changing:
+                entry.changing = stamp
+                continue
+            entry.stamp, entry.changing = stamp, None
             try:
                 policy = load_policy(entry.path)
             except FileInvalid as error:

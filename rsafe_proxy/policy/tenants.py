@@ -27,7 +27,10 @@ def key_digest(key: str) -> bytes:
 
 
 class TenantDirectory:
-    """Maps a bearer key to its tenant; the anonymous tenant (if configured) serves requests with no key."""
+    """Maps a bearer key to its tenant; the anonymous tenant (if configured) serves requests with no key.
+
+    Raises ValueError when one key is configured for two tenants (known only once env keys are read).
+    """
 
     def __init__(self, tenants: Sequence[TenantSettings], env: Mapping[str, str]) -> None:
         self._digests: list[tuple[bytes, TenantSettings]] = []
@@ -40,6 +43,13 @@ class TenantDirectory:
                     self._digests.append((bytes.fromhex(key.removeprefix("sha256:")), tenant))
                 elif value := env.get(key.removeprefix("env:")):
                     self._digests.append((key_digest(value), tenant))
+        owners: dict[bytes, str] = {}
+        for digest, tenant in self._digests:
+            if owners.setdefault(digest, tenant.id) != tenant.id:
+                raise ValueError(
+                    f"tenants {owners[digest]!r} and {tenant.id!r} are given the same API key: "
+                    "a key must belong to exactly one tenant"
+                )
         self.missing_env = [
             key.removeprefix("env:")
             for tenant in tenants
