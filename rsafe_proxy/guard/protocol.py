@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -66,15 +66,15 @@ def load_template(family: str, side: Side) -> str:
     return resources.files("rsafe_proxy.guard").joinpath("templates", family, name).read_text(encoding="utf-8")
 
 
-def render_categories(categories: Sequence[CategoryLine]) -> str:
-    """The category block: `ID - Name` per line, ids padded as in RSafe's training data (`U1  - `)."""
-    lines = []
-    for category in categories:
-        line = f"{category.id:<3} - {category.name}"
-        if category.description:
-            line += f": {' '.join(category.description.split())}"
-        lines.append(line + "\n")
-    return "".join(lines)
+def rsafe_line(category: CategoryLine) -> str:
+    """`U1  - Name`: ids padded to three characters, as in RSafe's training data."""
+    line = f"{category.id:<3} - {category.name}"
+    return line + (f": {' '.join(category.description.split())}" if category.description else "")
+
+
+def render_categories(categories: Sequence[CategoryLine], line: Callable[[CategoryLine], str] = rsafe_line) -> str:
+    """The category block: one `line` per category, each ending in a newline."""
+    return "".join(line(category) + "\n" for category in categories)
 
 
 def neutralize(content: str) -> str:
@@ -84,10 +84,16 @@ def neutralize(content: str) -> str:
     return content
 
 
-def render_prompt(template: str, categories: Sequence[CategoryLine], prompt: str, response: str | None = None) -> str:
+def render_prompt(
+    template: str,
+    categories: Sequence[CategoryLine],
+    prompt: str,
+    response: str | None = None,
+    line: Callable[[CategoryLine], str] = rsafe_line,
+) -> str:
     """Fill `template` in one pass, so text inside the content is never taken for a placeholder."""
     values = {
-        "CATEGORIES": render_categories(categories),
+        "CATEGORIES": render_categories(categories, line),
         "PROMPT": neutralize(prompt),
         "RESPONSE": neutralize(response or ""),
     }

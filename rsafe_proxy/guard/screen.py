@@ -8,13 +8,13 @@ from dataclasses import dataclass, field, replace
 
 from rsafe_proxy.guard.cache import TTLCache, cache_key
 from rsafe_proxy.guard.engine import GuardEngine, GuardEngineError, GuardOutput, Sampling
+from rsafe_proxy.guard.families import family
 from rsafe_proxy.guard.protocol import (
     Label,
     Reading,
     Side,
     load_template,
     named_categories,
-    parse_verdict,
     render_prompt,
 )
 from rsafe_proxy.policy.schema import Policy
@@ -56,8 +56,10 @@ class Screener:
 
     def render(self, policy: Policy, side: Side, prompt: str, response: str | None = None) -> str:
         """The guard prompt for this policy and content."""
-        template = load_template(self.settings.template or policy.template, side)
-        return render_prompt(template, policy.category_lines(side), prompt, response if side is Side.OUTPUT else None)
+        chosen = family(self.settings.template or policy.template)
+        template = load_template(chosen.name, side)
+        content = response if side is Side.OUTPUT else None
+        return render_prompt(template, policy.category_lines(side), prompt, content, chosen.line)
 
     def _sampling(self, policy: Policy) -> Sampling:
         overrides = policy.guard
@@ -77,7 +79,8 @@ class Screener:
         # an id the content itself holds may be read back from the guard quoting it: a user could pick the
         # mildest category that way, so only ids the content does not hold are attributed
         quoted = set(named_categories(content, ids))
-        reading = parse_verdict(output.text, [known for known in ids if known not in quoted])
+        read = family(self.settings.template or policy.template).read
+        reading = read(output.text, [known for known in ids if known not in quoted])
         if output.truncated and reading.label is Label.UNKNOWN:
             return Reading(Label.UNKNOWN, reading.reasoning + " [cut off at the reasoning budget]")
         return reading

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal, Self
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from rsafe_proxy.guard.families import family
 from rsafe_proxy.guard.protocol import CategoryLine, Side
 from rsafe_proxy.yamlsource import InvalidPart
 
@@ -172,7 +173,7 @@ class Policy(_Frozen):
 
     id: PolicyId
     description: str = ""
-    template: Literal["rsafe"] = "rsafe"
+    template: str = "rsafe"
     categories: Annotated[tuple[Category, ...], Field(min_length=1)]
     default_action: Action = Action.BLOCK
     messages: Messages = Messages()
@@ -181,6 +182,12 @@ class Policy(_Frozen):
     reasoning: Reasoning = Reasoning()
     guard: GuardOverrides = GuardOverrides()
     examples: tuple[Example, ...] = ()
+
+    @field_validator("template")
+    @classmethod
+    def _known_family(cls, template: str) -> str:
+        family(template)  # raises ValueError naming the known families
+        return template
 
     @field_validator("categories")
     @classmethod
