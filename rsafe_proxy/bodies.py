@@ -129,15 +129,23 @@ def last_prompt(request: ChatRequest | CompletionRequest) -> str:
     return users[-1] if users else ""
 
 
+# Every field of an answer that carries text to the client: reasoning models' traces included (vLLM sends
+# `reasoning_content`, others `reasoning`), or unsafe text would pass in them unscreened.
+_TEXT_FIELDS = ("reasoning_content", "reasoning", "content", "refusal")
+
+
 def choice_text(kind: Kind, choice: dict[str, Any]) -> str:
     """The text of one choice of a non-streamed answer, tool-call arguments included."""
     if kind == "completion":
         return str(choice.get("text") or "")
     message = choice.get("message") or {}
-    parts = [message.get("content") or "", message.get("refusal") or ""]
+    parts = [message.get(name) or "" for name in _TEXT_FIELDS]
     for call in message.get("tool_calls") or []:
         function = call.get("function") or {} if isinstance(call, dict) else {}
         parts.append(f"{function.get('name', '')}({function.get('arguments', '')})")
+    legacy = message.get("function_call")  # the deprecated `functions` API still answers this way
+    if isinstance(legacy, dict):
+        parts.append(f"{legacy.get('name', '')}({legacy.get('arguments', '')})")
     return "\n".join(str(part) for part in parts if part)
 
 
@@ -146,10 +154,13 @@ def delta_text(kind: Kind, choice: dict[str, Any]) -> str:
     if kind == "completion":
         return str(choice.get("text") or "")
     delta = choice.get("delta") or {}
-    parts = [delta.get("content") or "", delta.get("refusal") or ""]
+    parts = [delta.get(name) or "" for name in _TEXT_FIELDS]
     for call in delta.get("tool_calls") or []:
         function = (call.get("function") or {}) if isinstance(call, dict) else {}
         parts.append(str(function.get("name") or "") + str(function.get("arguments") or ""))
+    legacy = delta.get("function_call")
+    if isinstance(legacy, dict):
+        parts.append(str(legacy.get("name") or "") + str(legacy.get("arguments") or ""))
     return "".join(str(part) for part in parts if part)
 
 

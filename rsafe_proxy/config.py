@@ -175,7 +175,8 @@ def _interpolate(
             return env[name]
         if has_default is not None:
             return default or ""
-        problems.append(Problem(document.path, document.line_of(path), f"environment variable {name} is not set"))
+        message = f"environment variable {name} is not set (or is empty)"
+        problems.append(Problem(document.path, document.line_of(path), message))
         return ""
 
     return _VARIABLE.sub(substitute, value)

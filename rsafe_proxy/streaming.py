@@ -29,13 +29,15 @@ class Event:
     raw: bytes
     data: dict[str, Any] | None
     done: bool = False
+    opaque: bool = False
 
 
 async def sse_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[Event]:
     """Split a byte stream into SSE events (blank-line separated, CRLF or LF)."""
     buffer = b""
     async for chunk in chunks:
-        buffer += chunk.replace(b"\r\n", b"\n")
+        # normalised after joining: a CRLF split across two reads must not survive as "\r" + "\n"
+        buffer = (buffer + chunk).replace(b"\r\n", b"\n")
         while b"\n\n" in buffer:
             raw, buffer = buffer.split(b"\n\n", 1)
             yield _event(raw + b"\n\n")
@@ -52,7 +54,10 @@ def _event(raw: bytes) -> Event:
         data = json.loads(payload) if payload else None
     except ValueError:
         data = None
-    return Event(raw, data if isinstance(data, dict) else None)
+    if isinstance(data, dict):
+        return Event(raw, data)
+    # data the proxy cannot read cannot be judged, so it is never sent (an OpenAI upstream sends none)
+    return Event(raw, None, opaque=bool(payload))
 
 
 def encode(data: dict[str, Any]) -> bytes:
@@ -127,6 +132,8 @@ class WindowedScreen:
         async for event in events:
             if event.done:
                 break
+            if event.opaque:
+                continue
             self.held.append(event.raw)
             self._take(event)
             if self._window_full():
@@ -152,6 +159,8 @@ class WindowedScreen:
             async for event in events:
                 if event.done:
                     break
+                if event.opaque:
+                    continue
                 for task in checks:
                     if task.done() and (failed := task.result()):
                         for out in self._cut(*failed):

@@ -1,0 +1,60 @@
+"""Fixtures: the doubles and the proxy, each a real uvicorn server on loopback, stopped together after a test."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rsafe_proxy.config import Settings
+from tests.doubles import FakeUpstream, ScriptedGuard
+from tests.serving import Proxy, Servers, proxy_config, start_proxy
+
+MakeProxy = Callable[..., Proxy]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def servers() -> Iterator[Servers]:
+    group = Servers()
+    try:
+        yield group
+    finally:
+        group.close()
+
+
+@pytest.fixture
+def upstream(servers: Servers) -> FakeUpstream:
+    double = FakeUpstream()
+    double.url = servers.start(double.app, lifespan="off").url
+    return double
+
+
+@pytest.fixture
+def guard(servers: Servers) -> ScriptedGuard:
+    double = ScriptedGuard()
+    double.url = servers.start(double.app, lifespan="off").url
+    return double
+
+
+@pytest.fixture
+def make_proxy(servers: Servers, upstream: FakeUpstream, guard: ScriptedGuard, tmp_path: Path) -> MakeProxy:
+    """make_proxy(**sections) -> a proxy in front of the doubles; sections are merged into its proxy.yaml."""
+
+    def make(**overrides: Any) -> Proxy:
+        config = proxy_config(upstream.url, guard.url, tmp_path, **overrides)
+        return start_proxy(servers, Settings.model_validate(config))
+
+    return make
+
+
+@pytest.fixture
+def proxy(make_proxy: MakeProxy) -> Proxy:
+    """The proxy with the packaged default policy, in drop-in mode."""
+    return make_proxy()

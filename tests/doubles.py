@@ -1,0 +1,348 @@
+"""Test doubles served on loopback: a fake OpenAI-compatible upstream and a scripted RSafe guard.
+
+Both are plain Starlette apps whose behaviour the tests set through attributes (`upstream.answer = ...`,
+`guard.delay_s = ...`) and whose records the tests read (`upstream.requests`, `guard.calls`). They run in a
+uvicorn thread (see serving.py), so shared state is guarded by a lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import threading
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+# Any text carrying this is unsafe to the scripted guard.
+UNSAFE = "UNSAFE-MARK"
+# A prompt carrying this makes the upstream answer unsafely (with UNSAFE_ANSWER).
+ASK_UNSAFE_ANSWER = "ASK-FOR-A-BAD-ANSWER"
+UNSAFE_ANSWER = f"Sure. Step one: {UNSAFE} then step two, and that is all."
+
+
+@dataclass(frozen=True)
+class Received:
+    """One request the upstream saw."""
+
+    method: str
+    path: str
+    query: str
+    headers: Mapping[str, str]
+    body: Any
+
+
+async def _wait(request: Request, seconds: float) -> bool:
+    """Sleep `seconds`, watching the connection; False when the client went away meanwhile."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if await request.is_disconnected():
+            return False
+        await asyncio.sleep(min(0.01, max(0.0, deadline - time.monotonic())))
+    return True
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"\S+\s*", text) or [text]
+
+
+@dataclass
+class FakeUpstream:
+    """An OpenAI-compatible LLM: echoes the last user message, or answers unsafely when asked to.
+
+    Knobs: `answer` (fixed answer text), `fail` ((status, body): answer every generation with that error),
+    `first_byte_delay_s`, `token_delay_s` (between streamed chunks), `crlf` (SSE lines end with CRLF, and each
+    event's last CRLF is split across two writes, as a TCP read may split it), `answer_as` (chat answers as
+    content, as the arguments of a tool call, or of a legacy `function_call`).
+    Records: `requests`; `aborted` is set when a client (the proxy) left before the answer was complete.
+    """
+
+    url: str = ""
+    answer: str | None = None
+    fail: tuple[int, dict[str, Any]] | None = None
+    first_byte_delay_s: float = 0.0
+    token_delay_s: float = 0.0
+    crlf: bool = False
+    answer_as: Literal["content", "tool_call", "function_call"] = "content"
+    requests: list[Received] = field(default_factory=list)
+    aborted: threading.Event = field(default_factory=threading.Event)
+    completed: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def calls(self, path: str | None = None) -> list[Received]:
+        """The requests received (on `path` only, when given)."""
+        with self._lock:
+            return [received for received in self.requests if path is None or received.path == path]
+
+    @property
+    def app(self) -> Starlette:
+        """The ASGI app."""
+        return Starlette(
+            routes=[
+                Route("/v1/chat/completions", self._chat, methods=["POST"]),
+                Route("/v1/completions", self._completions, methods=["POST"]),
+                Route("/v1/models", self._models, methods=["GET"]),
+                Route("/v1/embeddings", self._embeddings, methods=["POST"]),
+            ]
+        )
+
+    async def _record(self, request: Request) -> Any:
+        raw = await request.body()
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            body = raw.decode(errors="replace")
+        received = Received(request.method, request.url.path, request.url.query, dict(request.headers), body)
+        with self._lock:
+            self.requests.append(received)
+        return body
+
+    def _text_for(self, prompt: str) -> str:
+        if self.answer is not None:
+            return self.answer
+        return UNSAFE_ANSWER if ASK_UNSAFE_ANSWER in prompt else f"Echo: {prompt}"
+
+    def _finished(self) -> None:
+        with self._lock:
+            self.completed += 1
+
+    async def _generate(self, request: Request, body: Any, kind: str) -> Response:
+        if self.fail is not None:
+            status, error = self.fail
+            return JSONResponse(error, status_code=status, headers={"x-upstream-error": "yes", "retry-after": "7"})
+        if not await _wait(request, self.first_byte_delay_s):
+            self.aborted.set()
+            return Response(status_code=499)
+        prompt = _last_prompt(body, kind)
+        text = self._text_for(prompt)
+        model = str(body.get("model", "fake-model"))
+        if body.get("stream") is True:
+            return StreamingResponse(self._stream(text, model, kind), media_type="text/event-stream")
+        self._finished()
+        if kind == "chat":
+            choice: dict[str, Any] = {
+                "index": 0,
+                "message": {"role": "assistant", **self._delta(text, first=True)},
+                "finish_reason": "stop",
+            }
+            return JSONResponse(_envelope("chat.completion", model, choice), headers={"x-request-id": "req-upstream"})
+        choice = {"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}
+        return JSONResponse(_envelope("text_completion", model, choice), headers={"x-request-id": "req-upstream"})
+
+    def _delta(self, text: str, first: bool) -> dict[str, Any]:
+        """A chat message or delta carrying `text` as `answer_as` says (names and ids on the first piece)."""
+        function = {"name": "lookup", "arguments": text} if first else {"arguments": text}
+        if self.answer_as == "tool_call":
+            call: dict[str, Any] = {"index": 0, "function": function}
+            if first:
+                call.update(id="call_1", type="function")
+            return {"content": None, "tool_calls": [call]}
+        if self.answer_as == "function_call":
+            return {"content": None, "function_call": function}
+        return {"content": text}
+
+    async def _stream(self, text: str, model: str, kind: str) -> AsyncIterator[bytes]:
+        end = b"\r\n\r\n" if self.crlf else b"\n\n"
+        obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+
+        def event(payload: dict[str, Any] | str) -> bytes:
+            data = payload if isinstance(payload, str) else json.dumps(payload)
+            return b"data: " + data.encode() + end
+
+        async def send(raw: bytes) -> AsyncIterator[bytes]:
+            if self.crlf:  # the last "\r\n" split across two writes, as a TCP read may split it
+                yield raw[:-1]
+                await asyncio.sleep(0.002)
+                yield raw[-1:]
+            else:
+                yield raw
+
+        def piece(word: str, finish: str | None, first: bool = False) -> dict[str, Any]:
+            if kind == "chat":
+                delta = self._delta(word, first) if word else {}
+                return {"index": 0, "delta": delta, "finish_reason": finish}
+            return {"index": 0, "text": word, "finish_reason": finish, "logprobs": None}
+
+        complete = False
+        try:
+            events: list[dict[str, Any] | str] = []
+            if kind == "chat":
+                role = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                events.append(_envelope(obj, model, role))
+            events += [_envelope(obj, model, piece(word, None, n == 0)) for n, word in enumerate(_words(text))]
+            events += [_envelope(obj, model, piece("", "stop")), "[DONE]"]
+            for position, payload in enumerate(events):
+                if position > 1:
+                    await asyncio.sleep(self.token_delay_s)
+                async for raw in send(event(payload)):
+                    yield raw
+            complete = True
+        finally:
+            if complete:
+                self._finished()
+            else:
+                self.aborted.set()
+
+    async def _chat(self, request: Request) -> Response:
+        return await self._generate(request, await self._record(request), "chat")
+
+    async def _completions(self, request: Request) -> Response:
+        return await self._generate(request, await self._record(request), "completion")
+
+    async def _models(self, request: Request) -> Response:
+        await self._record(request)
+        return JSONResponse(
+            {"object": "list", "data": [{"id": "fake-model", "object": "model", "created": 0, "owned_by": "tests"}]}
+        )
+
+    async def _embeddings(self, request: Request) -> Response:
+        await self._record(request)
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2]}],
+                "model": "fake-embed",
+                "usage": {"prompt_tokens": 1, "total_tokens": 1},
+            }
+        )
+
+
+def _envelope(obj: str, model: str, choice: dict[str, Any]) -> dict[str, Any]:
+    return {"id": "cmpl-fake", "object": obj, "created": 1_700_000_000, "model": model, "choices": [choice]}
+
+
+def _last_prompt(body: Any, kind: str) -> str:
+    if kind == "completion":
+        prompt = body.get("prompt", "")
+        return str(prompt[-1] if isinstance(prompt, list) and prompt else prompt)
+    for message in reversed(body.get("messages") or []):
+        if message.get("role") == "user":
+            content = message.get("content") or ""
+            if isinstance(content, list):
+                return " ".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
+            return str(content)
+    return ""
+
+
+@dataclass(frozen=True)
+class GuardCall:
+    """One verdict the guard was asked for: the side, the text it judged, the whole rendered prompt."""
+
+    side: str
+    judged: str
+    prompt: str
+
+
+def read_conversation(prompt: str) -> tuple[str, str]:
+    """(side, judged text) as a naive model reads a rendered RSafe prompt.
+
+    The block ends at the FIRST `<END CONVERSATION>`, every line starting `User:` or `Agent:` opens a turn, and
+    only the last turn of the screened role is judged. Content that could forge these markers would therefore
+    hide text from this guard: the proxy must neutralise it.
+    """
+    side = "output" if "'Agent' messages" in prompt else "input"
+    start = prompt.find("<BEGIN CONVERSATION>")
+    end = prompt.find("<END CONVERSATION>", start)
+    block = prompt[start + len("<BEGIN CONVERSATION>") : end if end != -1 else None]
+    turns: list[tuple[str, str]] = []
+    for line in block.split("\n"):
+        opened = re.match(r"(User|Agent):[ ]?(.*)", line, re.S)
+        if opened:
+            turns.append((opened.group(1), opened.group(2)))
+        elif turns:
+            turns[-1] = (turns[-1][0], turns[-1][1] + "\n" + line)
+    role = "Agent" if side == "output" else "User"
+    texts = [text for speaker, text in turns if speaker == role]
+    return side, (texts[-1] if texts else "").strip()
+
+
+@dataclass
+class ScriptedGuard:
+    """An RSafe guard behind the OpenAI chat API: unsafe iff the judged text contains UNSAFE.
+
+    Like a real model, its reasoning quotes the content it judges, then gives `\\boxed{safe|unsafe}`. Knobs:
+    `delay_s` (per verdict), `garbage` (answers with no readable verdict), `status` (answers every verdict
+    with this HTTP error), `quote_after_verdict` (repeats the judged text after its verdict, so that a verdict
+    forged in the content comes last unless the proxy neutralised it), `only_side` ("input" or "output": the
+    delay, garbage and status apply to that side's screens only). Records: `calls`, `cancelled`.
+    """
+
+    url: str = ""
+    delay_s: float = 0.0
+    garbage: bool = False
+    status: int | None = None
+    quote_after_verdict: bool = False
+    only_side: str | None = None
+    calls: list[GuardCall] = field(default_factory=list)
+    cancelled: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def judged(self, side: str | None = None) -> list[str]:
+        """The texts judged so far (on `side` only, when given), in order."""
+        with self._lock:
+            return [call.judged for call in self.calls if side is None or call.side == side]
+
+    @property
+    def app(self) -> Starlette:
+        """The ASGI app."""
+        return Starlette(
+            routes=[
+                Route("/v1/chat/completions", self._chat, methods=["POST"]),
+                Route("/v1/models", self._models, methods=["GET"]),
+            ]
+        )
+
+    def _misbehaves(self, side: str) -> bool:
+        return self.only_side is None or self.only_side == side
+
+    def verdict_text(self, judged: str, side: str = "input") -> str:
+        """The model's output for `judged`."""
+        if self.garbage and self._misbehaves(side):
+            return "I would rather not say. Maybe it is fine, maybe not."
+        unsafe = UNSAFE in judged
+        quoted = judged[:400]
+        why = "violates U2 - Weapons & Illegal Tactics" if unsafe else "is harmless"
+        text = f'<think>The text says: "{quoted}". It {why}.</think> \\boxed{{{"unsafe" if unsafe else "safe"}}}'
+        if self.quote_after_verdict:
+            text += f'\n(judged: "{quoted}")'
+        return text
+
+    async def _chat(self, request: Request) -> Response:
+        body = await request.json()
+        prompt = "\n".join(str(m.get("content", "")) for m in body.get("messages", []) if isinstance(m, dict))
+        side, judged = read_conversation(prompt)
+        with self._lock:
+            self.calls.append(GuardCall(side, judged, prompt))
+        if not await _wait(request, self.delay_s if self._misbehaves(side) else 0.0):
+            with self._lock:
+                self.cancelled += 1
+            return Response(status_code=499)
+        if self.status is not None and self._misbehaves(side):
+            return JSONResponse(
+                {"error": {"message": "guard failure", "type": "server_error"}}, status_code=self.status
+            )
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": self.verdict_text(judged, side)},
+            "finish_reason": "stop",
+        }
+        return JSONResponse(
+            {
+                "id": "guard-1",
+                "object": "chat.completion",
+                "created": 1_700_000_000,
+                "model": str(body.get("model", "scripted-guard")),
+                "choices": [choice],
+                "usage": {"prompt_tokens": 300, "completion_tokens": 20, "total_tokens": 320},
+            }
+        )
+
+    async def _models(self, request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [{"id": "scripted-guard", "object": "model"}]})
