@@ -160,7 +160,7 @@ def litellm(executable: str | None, port: int, upstream: int, work: str) -> Iter
         f"      api_base: http://127.0.0.1:{upstream}/v1\n      api_key: sk-bench\n"
     )
     env = dict(os.environ, LITELLM_LOCAL_MODEL_COST_MAP="True", LITELLM_MASTER_KEY="sk-bench")
-    command = [executable, "--config", str(config), "--port", str(port), "--num_workers", "1"]
+    command = [os.path.abspath(executable), "--config", str(config), "--port", str(port), "--num_workers", "1"]
     with process(command, f"http://127.0.0.1:{port}/health/liveliness", env, work):
         yield
 

@@ -47,6 +47,8 @@ class OpenAIEngine:
             # vLLM's name for it; OpenAI-compatible servers ignore fields they do not know
             "repetition_penalty": sampling.repetition_penalty,
         }
+        if self._client.is_closed:  # httpx would raise a bare RuntimeError
+            raise GuardEngineError("the openai engine is closed")
         try:
             response = await self._client.post("/chat/completions", json=payload)
         except httpx.TimeoutException as error:
@@ -71,6 +73,8 @@ class OpenAIEngine:
 
     async def ready(self) -> bool:
         """True when the server lists its models."""
+        if self._client.is_closed:
+            return False
         try:
             response = await self._client.get("/models", timeout=5.0)
         except httpx.HTTPError:
