@@ -1,0 +1,1 @@
+"""Guard engines, one module each, imported lazily by name (see `rsafe_proxy.guard.engine.ENGINES`)."""

@@ -1,0 +1,301 @@
+"""The in-process guard engine: a causal LM run by transformers on one worker thread, with batching.
+
+torch and transformers are imported when the model loads, so configuring this engine costs nothing. All model
+work runs on a single dedicated thread; the event loop only queues requests and collects results. Requests
+that arrive while a batch runs are gathered (up to `max_batch`) and run together, left-padded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import inspect
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rsafe_proxy.guard.embedded import embedded_adapter_dir, embedded_model_dir
+from rsafe_proxy.guard.engine import GuardEngineError, GuardOutput, Sampling
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+_MODES = ("score", "generate")
+_DTYPES = ("bfloat16", "float16", "float32")
+# Chat templates end a turn with these; base-model generation configs often know only the plain EOS.
+_TURN_ENDS = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>")
+
+
+@dataclass(frozen=True)
+class _Request:
+    prompt: str
+    sampling: Sampling
+    future: asyncio.Future[GuardOutput]
+
+
+class TransformersEngine:
+    """Runs the guard model in process; `model="embedded"` is the packaged Gemma 3 270M.
+
+    `mode="score"` reads P(unsafe) / (P(safe) + P(unsafe)) right after `score_prefix` in one forward pass;
+    `mode="generate"` samples the model's own reasoning and answer.
+    """
+
+    name = "transformers"
+
+    def __init__(
+        self,
+        *,
+        model: str = "embedded",
+        adapter: str | None = "auto",
+        mode: str = "score",
+        device: str = "cpu",
+        dtype: str = "bfloat16",
+        threads: int | None = None,
+        score_prefix: str = "<think>\n</think>\n\\boxed{",
+        max_batch: int = 8,
+    ) -> None:
+        if mode not in _MODES:
+            raise ValueError(f"mode must be one of {_MODES}, not {mode!r}")
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {_DTYPES}, not {dtype!r}")
+        if max_batch < 1 or (threads is not None and threads < 1):
+            raise ValueError("max_batch and threads must be at least 1")
+        self._options = (model, adapter, device, dtype, threads)
+        self._mode = mode
+        self._score_prefix = score_prefix
+        self._max_batch = max_batch
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rsafe-guard")
+        self._queue: asyncio.Queue[_Request] = asyncio.Queue()
+        self._load_lock = asyncio.Lock()
+        self._runner: _Runner | None = None
+        self._server: asyncio.Task[None] | None = None
+        self._closed = False
+
+    async def start(self) -> None:
+        """Load the model (off the event loop) unless it is loaded; raise GuardEngineError if it cannot be."""
+        async with self._load_lock:
+            if self._closed:
+                raise GuardEngineError("the transformers engine is closed")
+            if self._runner is None:
+                loop = asyncio.get_running_loop()
+                try:
+                    self._runner = await loop.run_in_executor(self._executor, self._load)
+                except Exception as exc:
+                    raise GuardEngineError(f"could not load guard model {self._options[0]!r}: {exc}") from exc
+            if self._server is None:
+                self._server = asyncio.create_task(self._serve(self._runner), name="rsafe-guard-batcher")
+
+    async def complete(self, prompt: str, sampling: Sampling) -> GuardOutput:
+        """Queue `prompt` for the next batch and wait for its output."""
+        await self.start()
+        request = _Request(prompt, sampling, asyncio.get_running_loop().create_future())
+        self._queue.put_nowait(request)
+        return await request.future
+
+    async def ready(self) -> bool:
+        """True once the model is loaded and the engine is open."""
+        return self._runner is not None and not self._closed
+
+    async def aclose(self) -> None:
+        """Stop the batcher, fail queued requests, stop the worker thread and drop the model."""
+        self._closed = True
+        if self._server is not None:
+            self._server.cancel()
+            await asyncio.gather(self._server, return_exceptions=True)
+        while not self._queue.empty():
+            _fail(self._queue.get_nowait(), GuardEngineError("the transformers engine is closed"))
+        await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
+        self._runner = None
+
+    async def _serve(self, runner: _Runner) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < self._max_batch and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            live = [request for request in batch if not request.future.done()]  # skip callers that gave up
+            try:
+                jobs = [(request.prompt, request.sampling) for request in live]
+                outcomes = await loop.run_in_executor(self._executor, runner.run, jobs)
+            except asyncio.CancelledError:
+                for request in live:
+                    _fail(request, GuardEngineError("the transformers engine is closed"))
+                raise
+            except Exception as exc:  # the executor itself failed; runner.run does not raise
+                outcomes = [GuardEngineError(f"guard model failed: {exc}")] * len(live)
+            for request, outcome in zip(live, outcomes, strict=True):
+                if isinstance(outcome, GuardEngineError):
+                    _fail(request, outcome)
+                elif not request.future.done():
+                    request.future.set_result(outcome)
+
+    def _load(self) -> _Runner:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model_name, adapter, device, dtype, threads = self._options
+        if threads is not None:
+            torch.set_num_threads(threads)
+        path = embedded_model_dir() if model_name == "embedded" else Path(model_name).expanduser()
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        if not tokenizer.chat_template:
+            raise GuardEngineError(f"{path} has no chat template (set `chat_template` in its tokenizer config)")
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=getattr(torch, dtype), device_map=device, local_files_only=True
+        )
+        adapter_path = embedded_adapter_dir() if adapter == "auto" and model_name == "embedded" else None
+        if adapter not in (None, "auto"):
+            adapter_path = Path(adapter).expanduser()
+        if adapter_path is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(adapter_path)).merge_and_unload()
+        model.train(False)  # no dropout at inference
+        return _Runner(model, tokenizer, self._mode, self._score_prefix, device)
+
+
+def _fail(request: _Request, error: GuardEngineError) -> None:
+    if not request.future.done():
+        request.future.set_exception(error)
+
+
+class _Runner:
+    """The loaded model and tokenizer; used only on the worker thread."""
+
+    def __init__(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, mode: str, prefix: str, device: str
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.mode = mode
+        self.prefix = prefix
+        self.device = device
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = int(pad) if isinstance(pad, int) else 0
+        # transformers 5.x renamed the `past_key_values` argument and output to `cache`
+        self.cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self.verdicts = [_continuation(tokenizer, prefix, word) for word in ("safe", "unsafe")]
+        configured = model.generation_config.eos_token_id
+        stops = set(configured if isinstance(configured, list) else [configured] if configured is not None else [])
+        vocab = tokenizer.get_vocab()
+        stops.update(vocab[token] for token in (tokenizer.eos_token, *_TURN_ENDS) if token in vocab)
+        self.stops = sorted(int(stop) for stop in stops)
+
+    def run(self, jobs: list[tuple[str, Sampling]]) -> list[GuardOutput | GuardEngineError]:
+        """Outputs in job order; a failed batch is retried one by one, so one bad prompt fails alone."""
+        groups: dict[Sampling | None, list[int]] = {}
+        for index, (_, sampling) in enumerate(jobs):  # score mode ignores sampling; generate batches alike ones
+            groups.setdefault(sampling if self.mode == "generate" else None, []).append(index)
+        outcomes: dict[int, GuardOutput | GuardEngineError] = {}
+        for key, indexes in groups.items():
+            outcomes.update(zip(indexes, self._attempt([jobs[i][0] for i in indexes], key), strict=True))
+        return [outcomes[i] for i in range(len(jobs))]
+
+    def _attempt(self, prompts: list[str], sampling: Sampling | None) -> list[GuardOutput | GuardEngineError]:
+        try:
+            return list(self._batch(prompts, sampling))
+        except Exception as exc:  # whatever torch or transformers raise becomes the engine's error
+            if len(prompts) == 1:
+                return [GuardEngineError(f"guard model failed: {type(exc).__name__}: {exc}")]
+        return [self._attempt([prompt], sampling)[0] for prompt in prompts]
+
+    def _batch(self, prompts: list[str], sampling: Sampling | None) -> list[GuardOutput]:
+        import torch
+
+        rows = [self._encode(prompt) for prompt in prompts]
+        ids, mask = _left_pad(rows, self.pad_id, self.device)
+        with torch.inference_mode():
+            if sampling is None:
+                scores = self._score(ids, mask).tolist()
+                return [
+                    GuardOutput("", prompt_tokens=len(row), unsafe_probability=p)
+                    for p, row in zip(scores, rows, strict=True)
+                ]
+            return self._generate(ids, mask, rows, sampling)
+
+    def _encode(self, prompt: str) -> list[int]:
+        messages = [{"role": "user", "content": prompt}]
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        if not isinstance(text, str):
+            raise TypeError(f"the chat template rendered {type(text).__name__}, not text")
+        if self.mode == "score":
+            text += self.prefix
+        return list(self.tokenizer.encode(text, add_special_tokens=False))  # the template places BOS itself
+
+    def _score(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # Every verdict's full continuation log-probability is compared, so a tokenizer that splits "unsafe"
+        # (say "uns"+"afe") is scored exactly rather than by a first token shared with other words. Gemma's
+        # tokenizer has one token each for "safe" and "unsafe" (after "{"), so one forward pass suffices;
+        # longer continuations run on a copy of the prompt's KV cache, a few tokens each.
+        import torch
+
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        extend = any(len(tokens) > 1 for tokens in self.verdicts)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=extend, logits_to_keep=1)
+        first = out.logits[:, -1].float().log_softmax(-1)
+        totals = []
+        for tokens in self.verdicts:
+            total = first[:, tokens[0]]
+            if len(tokens) > 1:
+                count = len(tokens) - 1
+                step = self.model(
+                    input_ids=torch.tensor([tokens[:-1]], device=ids.device).expand(len(ids), count),
+                    attention_mask=torch.cat([mask, mask.new_ones(len(ids), count)], dim=1),
+                    position_ids=positions[:, -1:] + 1 + torch.arange(count, device=ids.device),
+                    use_cache=True,
+                    **{self.cache_name: copy.deepcopy(out[self.cache_name])},
+                )
+                follow = step.logits.float().log_softmax(-1)[:, torch.arange(count), torch.tensor(tokens[1:])]
+                total = total + follow.sum(-1)
+            totals.append(total)
+        return torch.sigmoid(totals[1] - totals[0])  # P(unsafe) / (P(safe) + P(unsafe))
+
+    def _generate(
+        self, ids: torch.Tensor, mask: torch.Tensor, rows: list[list[int]], sampling: Sampling
+    ) -> list[GuardOutput]:
+        options: dict[str, Any] = {"do_sample": sampling.temperature > 0}
+        if sampling.temperature > 0:  # top_k=0 turns off transformers' default top-k of 50, as in vLLM
+            options.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+        from transformers import GenerationMixin
+
+        if not isinstance(self.model, GenerationMixin):
+            raise TypeError(f"{type(self.model).__name__} cannot generate text")
+        out = self.model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=sampling.max_tokens,
+            repetition_penalty=sampling.repetition_penalty,
+            eos_token_id=self.stops,
+            pad_token_id=self.pad_id,
+            **options,
+        )
+        results = []
+        for row, new in zip(rows, out[:, ids.shape[1] :].tolist(), strict=True):
+            end = next((i + 1 for i, token in enumerate(new) if token in self.stops), None)
+            tokens = new if end is None else new[:end]
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            text = text if isinstance(text, str) else "".join(text)
+            results.append(GuardOutput(text, len(tokens), len(row), truncated=end is None))
+        return results
+
+
+def _continuation(tokenizer: PreTrainedTokenizerBase, prefix: str, word: str) -> list[int]:
+    head = tokenizer.encode(prefix, add_special_tokens=False)
+    full = tokenizer.encode(prefix + word, add_special_tokens=False)
+    if full[: len(head)] != head or len(full) == len(head):
+        raise GuardEngineError(f"the tokenizer merges the end of score_prefix {prefix!r} into {word!r}")
+    return list(full[len(head) :])
+
+
+def _left_pad(rows: list[list[int]], pad_id: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch
+
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for index, row in enumerate(rows):
+        ids[index, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        mask[index, width - len(row) :] = 1
+    return ids.to(device), mask.to(device)
