@@ -107,10 +107,18 @@ class Runtime:
         runtime = cls(settings, policies, tenants, recorder, engine, client, pipeline)
         if settings.policy_reload_s > 0:
             runtime.tasks.append(asyncio.create_task(runtime._watch_policies()))
-        warm = getattr(engine, "start", None)
-        if warm is not None:
-            runtime.tasks.append(asyncio.create_task(warm()))
+        if getattr(engine, "start", None) is not None:
+            runtime.tasks.append(asyncio.create_task(runtime._warm()))
         return runtime
+
+    async def _warm(self) -> None:
+        """Load the guard model now rather than on the first request; /readyz tells when it is done."""
+        start = getattr(self.engine, "start", None)
+        try:
+            if start is not None:
+                await start()
+        except Exception as error:  # the failure is served as 'not ready' and retried on the next request
+            log.error("the guard engine could not start: %s", error)
 
     async def _watch_policies(self) -> None:
         while True:
