@@ -187,6 +187,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return asyncio.run(_eval(args))
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from rsafe_proxy.train.command import run_train
+
+    return run_train(args)
+
+
 def parser() -> argparse.ArgumentParser:
     """The command line."""
     top = argparse.ArgumentParser(
@@ -234,12 +240,17 @@ def parser() -> argparse.ArgumentParser:
     decisions.add_argument("--last", type=int, default=20)
     decisions.set_defaults(run=cmd_decisions)
     from rsafe_proxy.eval_command import add_eval_arguments
+    from rsafe_proxy.train.command import add_train_arguments
 
     evaluate = commands.add_parser(
         "eval", parents=[common], help="measure the configured guard on labelled JSONL datasets"
     )
     add_eval_arguments(evaluate)
     evaluate.set_defaults(run=cmd_eval)
+
+    train = commands.add_parser("train", parents=[common], help="train a guard (SFT warm-up, then GRPO) with LoRA")
+    add_train_arguments(train)
+    train.set_defaults(run=cmd_train)
     return top
 
 

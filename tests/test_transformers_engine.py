@@ -141,6 +141,19 @@ def manual_unsafe_probability(folder: Path, prompt: str) -> float:
     return float(torch.sigmoid(torch.tensor(logprobs[1] - logprobs[0])))
 
 
+def test_the_fixtures_split_the_verdicts_as_claimed(tiny: Path, tiny_bytes: Path) -> None:
+    for folder, lengths in ((tiny, [1, 1]), (tiny_bytes, [4, 6])):
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        head = len(tokenizer.encode(PREFIX, add_special_tokens=False))
+        split = [len(tokenizer.encode(PREFIX + word, add_special_tokens=False)) - head for word in ("safe", "unsafe")]
+        assert split == lengths
+
+
+def test_a_score_prefix_that_merges_with_the_verdict_is_refused(tiny: Path) -> None:
+    with pytest.raises(GuardEngineError, match="merges the end of score_prefix"):
+        engine_outputs(tiny, PROMPTS[:1], score_prefix="\\boxed{un")  # "un" + "safe" tokenizes as "unsafe"
+
+
 @pytest.mark.parametrize("fixture", ["tiny", "tiny_bytes"])
 def test_score_equals_a_manual_computation(fixture: str, request: pytest.FixtureRequest) -> None:
     folder: Path = request.getfixturevalue(fixture)
@@ -357,7 +370,6 @@ def test_aclose_fails_waiting_requests(tiny: Path) -> None:
     assert all(isinstance(outcome, GuardOutput | GuardEngineError) for outcome in outcomes)
 
 
-@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # inside peft
 def test_a_lora_adapter_is_merged(tiny: Path, tmp_path: Path) -> None:
     from peft import LoraConfig, PeftModel, get_peft_model
 
