@@ -88,12 +88,22 @@ class GuardSettings(_Frozen):
             return self.engine
         return "openai" if self.url else "transformers"
 
+    def embedded(self) -> bool:
+        """True when the guard is the embedded model in process."""
+        return self.engine_name() == "transformers" and self.options.get("model", "embedded") == "embedded"
+
+    def effective_template(self) -> str | None:
+        """The template family forced on every policy: the configured one; for the embedded model, the compact
+        rendering its adapter flags fewer everyday requests with; else None (each policy's own family)."""
+        if self.template:
+            return self.template
+        return "rsafe-compact" if self.embedded() else None
+
     def effective_mode(self) -> Literal["generate", "score"]:
         """`auto`: score for the embedded transformers model (a base model cannot reason), else generate."""
         if self.mode != "auto":
             return self.mode
-        embedded = self.engine_name() == "transformers" and self.options.get("model", "embedded") == "embedded"
-        return "score" if embedded else "generate"
+        return "score" if self.embedded() else "generate"
 
 
 class TenantUpstream(_Frozen):

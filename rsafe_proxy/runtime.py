@@ -51,7 +51,9 @@ def build_engine(guard: GuardSettings) -> GuardEngine:
 def build_screener(guard: GuardSettings, engine: GuardEngine) -> Screener:
     """A screener over `engine` with the settings' sampling, timeout and cache."""
     sampling = Sampling(guard.temperature, guard.top_p, guard.repetition_penalty, guard.max_tokens)
-    settings = ScreenSettings(guard.effective_mode(), guard.template, guard.score_threshold, guard.timeout_s, sampling)
+    settings = ScreenSettings(
+        guard.effective_mode(), guard.effective_template(), guard.score_threshold, guard.timeout_s, sampling
+    )
     cache: TTLCache[Verdict] = TTLCache(guard.cache.max_entries, guard.cache.ttl_s)
     return Screener(engine, settings, cache)
 

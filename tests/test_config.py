@@ -153,3 +153,16 @@ def test_tenants_must_be_unique_with_one_anonymous_at_most() -> None:
         Settings.model_validate({"tenants": [{"id": "a"}, {"id": "a"}]})
     with pytest.raises(pydantic.ValidationError, match="anonymous"):
         Settings.model_validate({"tenants": [{"id": "a", "anonymous": True}, {"id": "b", "anonymous": True}]})
+
+
+@pytest.mark.parametrize(
+    ("guard", "template"),
+    [
+        ({}, "rsafe-compact"),
+        ({"template": "rsafe"}, "rsafe"),
+        ({"engine": "openai", "url": "http://guard/v1"}, None),
+        ({"engine": "transformers", "options": {"model": "/models/rsafe-7b"}}, None),
+    ],
+)
+def test_the_embedded_model_gets_the_compact_template(guard: dict[str, object], template: str | None) -> None:
+    assert GuardSettings.model_validate(guard).effective_template() == template
