@@ -34,7 +34,9 @@ class Row:
 
 
 def read_rows(path: Path, limit: int | None = None) -> list[Row]:
-    """Rows of a normalized JSONL file ({id, prompt, response, label, task}); a bad line names its number."""
+    """Rows of a normalized JSONL file ({id, prompt, response, label, task}); a bad line names its number.
+
+    With `limit`, that many rows evenly spaced through the file (deterministic)."""
     rows = []
     with path.open(encoding="utf-8") as file:
         for number, line in enumerate(file, 1):
@@ -49,8 +51,9 @@ def read_rows(path: Path, limit: int | None = None) -> list[Row]:
                 rows.append(Row(str(data.get("id", number)), str(data["prompt"]), response, label))
             except (ValueError, KeyError, TypeError) as error:
                 raise ValueError(f"{path}:{number}: not a normalized row ({error})") from None
-            if limit is not None and len(rows) >= limit:
-                break
+    if limit is not None and len(rows) > limit:
+        # evenly spaced, not the first N: datasets are often sorted by label or category
+        rows = [rows[index * len(rows) // limit] for index in range(limit)]
     return rows
 
 
@@ -104,7 +107,7 @@ def write_predictions(path: Path, rows: Sequence[Row], verdicts: Sequence[Verdic
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `rsafe-proxy eval`."""
     parser.add_argument("--data", action="append", required=True, type=Path, help="normalized JSONL (repeatable)")
-    parser.add_argument("--limit", type=int, help="first N rows of each file")
+    parser.add_argument("--limit", type=int, help="N rows of each file, evenly spaced through it")
     parser.add_argument("--policy", help="a policy file (default: the first tenant's policy)")
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--predictions", type=Path, help="write predictions and reasoning to this JSONL file")
