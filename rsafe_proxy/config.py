@@ -157,6 +157,7 @@ class Settings(_Frozen):
     telemetry: TelemetrySettings = TelemetrySettings()
     policy_reload_s: Annotated[float, Field(ge=0)] = 2.0
     base_dir: str = "."
+    source: str | None = None  # the file these settings came from (set by load_settings; watched for tenants)
 
     @field_validator("tenants")
     @classmethod
@@ -208,4 +209,5 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
         raise FileInvalid(problems)
     if isinstance(data, dict):
         data.setdefault("base_dir", str(Path(path).resolve().parent))
+        data.setdefault("source", str(Path(path).resolve()))
     return validate(YamlDocument(document.path, data, document.lines), Settings)

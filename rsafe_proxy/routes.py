@@ -104,6 +104,8 @@ async def readyz(request: Request) -> Response:
     runtime = _runtime(request)
     guard_ready = await runtime.guard_ready()
     errors = runtime.policies.errors()
+    if runtime.config_error:
+        errors = {**errors, "proxy.yaml": runtime.config_error}
     body: dict[str, Any] = {
         "status": "ready" if guard_ready else "not ready",
         "guard": {"engine": runtime.engine_name, "ready": guard_ready},

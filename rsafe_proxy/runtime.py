@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from rsafe_proxy.config import GuardSettings, Settings
+from rsafe_proxy.config import GuardSettings, Settings, load_settings
 from rsafe_proxy.guard.cache import TTLCache
 from rsafe_proxy.guard.engine import GuardEngine, Sampling, load_engine
 from rsafe_proxy.guard.screen import Screener, ScreenSettings, Verdict
@@ -24,8 +24,17 @@ from rsafe_proxy.policy.store import PolicyStore
 from rsafe_proxy.policy.tenants import TenantDirectory
 from rsafe_proxy.telemetry import Recorder
 from rsafe_proxy.upstream import Upstream
+from rsafe_proxy.yamlsource import FileInvalid
 
 log = logging.getLogger("rsafe_proxy")
+
+
+def _stamp(path: str | None) -> tuple[int, int] | None:
+    try:
+        stat = os.stat(path) if path else None
+    except OSError:
+        return None
+    return (stat.st_mtime_ns, stat.st_size) if stat else None
 
 
 def engine_options(guard: GuardSettings) -> dict[str, Any]:
@@ -76,6 +85,7 @@ class Runtime:
     client: httpx.AsyncClient
     pipeline: Pipeline
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    config_error: str | None = None
 
     @property
     def engine_name(self) -> str:
@@ -123,12 +133,37 @@ class Runtime:
             log.error("the guard engine could not start: %s", error)
 
     async def _watch_policies(self) -> None:
+        stamp = _stamp(self.settings.source)
         while True:
             await asyncio.sleep(self.settings.policy_reload_s)
+            current = _stamp(self.settings.source)
+            if current != stamp:
+                stamp = current
+                await asyncio.to_thread(self._reload_tenants)
             before = self.policies.reload_errors
             await asyncio.to_thread(self.policies.reload_changed)
             if self.policies.reload_errors > before:
                 self.recorder.metrics.policy_reload_errors.inc(self.policies.reload_errors - before)
+
+    def _reload_tenants(self) -> None:
+        """proxy.yaml changed: take its tenants (keys, policies, upstream overrides) if the whole file is valid.
+
+        Other sections (server, upstream, guard, telemetry) need a restart. A request in flight keeps the
+        tenant and policy it started with; a bad edit keeps the last good tenants serving."""
+        if self.settings.source is None:
+            return
+        try:
+            settings = load_settings(self.settings.source)
+            policies = PolicyStore.load(policy_paths(settings))
+            tenants = TenantDirectory(settings.tenants, os.environ)
+        except (FileInvalid, ValueError) as error:
+            self.config_error = str(error)
+            self.recorder.metrics.policy_reload_errors.inc()
+            log.error("proxy.yaml edit rejected, the last good tenants keep serving:\n%s", error)
+            return
+        self.config_error = None
+        self.tenants, self.policies = tenants, policies
+        log.info("tenants reloaded from %s: %s", self.settings.source, ", ".join(t.id for t in settings.tenants))
 
     async def guard_ready(self) -> bool:
         """True when the engine can answer now."""
