@@ -7,52 +7,21 @@ import asyncio
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from tqdm import tqdm
 
+from rsafe_proxy.datasets import Row, read_rows
 from rsafe_proxy.evaluation import Metrics, compute_metrics, format_table
-from rsafe_proxy.guard.protocol import Side
 from rsafe_proxy.guard.screen import Screener, Verdict
 from rsafe_proxy.policy.schema import Policy
 
 
-@dataclass(frozen=True)
-class Row:
-    """One labelled example in the normalized dataset format."""
-
-    id: str
-    prompt: str
-    response: str | None
-    label: str
-
-    @property
-    def side(self) -> Side:
-        return Side.OUTPUT if self.response is not None else Side.INPUT
-
-
-def read_rows(path: Path, limit: int | None = None) -> list[Row]:
-    """Rows of a normalized JSONL file ({id, prompt, response, label, task}); a bad line names its number.
-
-    With `limit`, that many rows evenly spaced through the file (deterministic)."""
-    rows = []
-    with path.open(encoding="utf-8") as file:
-        for number, line in enumerate(file, 1):
-            if not line.strip():
-                continue
-            try:
-                data: dict[str, Any] = json.loads(line)
-                label = data["label"]
-                if label not in ("safe", "unsafe"):
-                    raise ValueError(f"label must be safe or unsafe, not {label!r}")
-                response = data.get("response") if data.get("task", "prompt") == "response" else None
-                rows.append(Row(str(data.get("id", number)), str(data["prompt"]), response, label))
-            except (ValueError, KeyError, TypeError) as error:
-                raise ValueError(f"{path}:{number}: not a normalized row ({error})") from None
+def read_sample(path: Path, limit: int | None = None) -> list[Row]:
+    """The rows of `path`; with `limit`, that many evenly spaced through the file (datasets are often sorted by
+    label or category, so the first N would not do)."""
+    rows = read_rows(path)
     if limit is not None and len(rows) > limit:
-        # evenly spaced, not the first N: datasets are often sorted by label or category
         rows = [rows[index * len(rows) // limit] for index in range(limit)]
     return rows
 
@@ -120,7 +89,7 @@ async def run_eval(screener: Screener, policy: Policy, args: argparse.Namespace)
         args.predictions.write_text("", encoding="utf-8")
     results: list[tuple[str, Metrics]] = []
     for path in args.data:
-        rows = read_rows(path, args.limit)
+        rows = read_sample(path, args.limit)
         if not rows:
             print(f"{path}: no rows", file=sys.stderr)
             continue

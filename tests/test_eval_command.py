@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from rsafe_proxy.cli import main
-from rsafe_proxy.eval_command import read_rows
+from rsafe_proxy.datasets import read_rows
+from rsafe_proxy.eval_command import read_sample
 from tests.doubles import UNSAFE, ScriptedGuard
 
 
@@ -20,7 +21,7 @@ def write_rows(path: Path, rows: Sequence[Mapping[str, object]]) -> Path:
 
 def test_limit_takes_rows_from_the_whole_file(tmp_path: Path) -> None:
     rows = [{"id": str(i), "prompt": f"p{i}", "response": None, "label": "safe", "task": "prompt"} for i in range(10)]
-    picked = read_rows(write_rows(tmp_path / "d.jsonl", rows), limit=3)
+    picked = read_sample(write_rows(tmp_path / "d.jsonl", rows), limit=3)
     assert [row.id for row in picked] == ["0", "3", "6"]
 
 

@@ -13,9 +13,10 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
+from rsafe_proxy.datasets import Row  # noqa: E402
 from rsafe_proxy.train import add_train_arguments, run_train  # noqa: E402
 from rsafe_proxy.train.checkpoint import list_checkpoints  # noqa: E402
-from rsafe_proxy.train.data import PromptBuilder, Row, assign_templates, balance, split_rows  # noqa: E402
+from rsafe_proxy.train.data import PromptBuilder, assign_templates, balance, split_rows  # noqa: E402
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role']=='assistant' else 'user' }}\n"

@@ -15,8 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from rsafe_proxy.datasets import Row, read_rows
 from rsafe_proxy.evaluation import Metrics, compute_metrics, format_table, roc_auc
-from rsafe_proxy.train.data import PromptBuilder, Row, assign_templates, balance, read_rows, sample, split_rows
+from rsafe_proxy.train.data import PromptBuilder, assign_templates, balance, sample, split_rows
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:

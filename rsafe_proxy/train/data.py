@@ -8,66 +8,17 @@ what it will be asked at serving time.
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 
+from rsafe_proxy.datasets import LABELS, Row
 from rsafe_proxy.guard.families import family
 from rsafe_proxy.guard.protocol import CategoryLine, Side, load_template, render_prompt
 from rsafe_proxy.policy.schema import Policy
 
-LABELS = ("safe", "unsafe")
-
 # The answer the score mode reads: an empty think, then the boxed label (see TransformersEngine's score_prefix).
 TARGET_PREFIX = "<think>\n</think>\n\\boxed{"
-
-
-@dataclass(frozen=True)
-class Row:
-    """One labelled example: screen `prompt` (task "prompt") or the `response` to it (task "response")."""
-
-    id: str
-    prompt: str
-    response: str | None
-    label: str
-    task: str
-    origin: str = ""
-    template: str = ""  # the template family to render with; "" is the run's first one
-
-    @property
-    def side(self) -> Side:
-        """The side the guard screens for this row."""
-        return Side.OUTPUT if self.task == "response" else Side.INPUT
-
-
-def read_rows(path: str | Path) -> list[Row]:
-    """The rows of one normalized JSONL file; rows without a safe/unsafe label are an error."""
-    path = Path(path)
-    rows = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            label = str(record.get("label", "")).strip().lower()
-            if label not in LABELS:
-                raise ValueError(f"{path}:{number}: label must be safe or unsafe, not {record.get('label')!r}")
-            task = record.get("task") or ("response" if record.get("response") else "prompt")
-            if task not in ("prompt", "response"):
-                raise ValueError(f"{path}:{number}: task must be prompt or response, not {task!r}")
-            rows.append(
-                Row(
-                    id=str(record["id"]),
-                    prompt=str(record["prompt"]),
-                    response=record.get("response"),
-                    label=label,
-                    task=task,
-                    origin=path.stem,
-                )
-            )
-    return rows
 
 
 def is_held_out(row_id: str, fraction: float) -> bool:

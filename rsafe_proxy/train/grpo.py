@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
+from rsafe_proxy.datasets import Row
 from rsafe_proxy.train.checkpoint import RunState
-from rsafe_proxy.train.data import Row
 from rsafe_proxy.train.modeling import Encoder, left_pad, positions
 from rsafe_proxy.train.reward import accuracy_reward, format_reward, reward
 from rsafe_proxy.train.sft import learning_rate

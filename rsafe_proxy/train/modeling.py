@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from rsafe_proxy.train.data import TARGET_PREFIX, PromptBuilder, Row, target_text
+from rsafe_proxy.datasets import Row
+from rsafe_proxy.train.data import TARGET_PREFIX, PromptBuilder, target_text
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ELLIPSIS = " …"
