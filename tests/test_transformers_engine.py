@@ -381,10 +381,21 @@ def test_a_lora_adapter_is_merged(tiny: Path, tmp_path: Path) -> None:
     PeftModel.from_pretrained(merged, str(tmp_path / "adapter")).merge_and_unload().save_pretrained(tmp_path / "merged")
     AutoTokenizer.from_pretrained(tiny).save_pretrained(tmp_path / "merged")
 
-    [adapted] = engine_outputs(tiny, [PROMPTS[1]], adapter=str(tmp_path / "adapter"))
+    frozen: list[bool] = []
+
+    def record(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        if isinstance(module, LlamaForCausalLM):  # PEFT leaves merged weights frozen; batched matmuls then copy
+            frozen.append(not all(parameter.requires_grad for parameter in module.parameters()))
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(record)
+    try:
+        [adapted] = engine_outputs(tiny, [PROMPTS[1]], adapter=str(tmp_path / "adapter"))
+    finally:
+        handle.remove()
     [plain] = engine_outputs(tiny, [PROMPTS[1]], adapter="auto")  # "auto" means none for a local model
     assert adapted.unsafe_probability == pytest.approx(manual_unsafe_probability(tmp_path / "merged", PROMPTS[1]))
     assert adapted.unsafe_probability != pytest.approx(plain.unsafe_probability)
+    assert frozen == [False]
 
 
 def test_cache_root_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
