@@ -22,6 +22,7 @@ from rsafe_proxy.bodies import (
     Kind,
     choice_text,
     last_prompt,
+    message_text,
     parse_json,
     replace_choice,
     user_turns,
@@ -77,6 +78,7 @@ class _Screening:
     call: Call
     kind: Kind
     body: dict[str, Any]
+    request: ChatRequest | CompletionRequest
     turns: list[str]
     prompt: str
     span: Span
@@ -211,7 +213,7 @@ class Pipeline:
                 "http.route": call.path,
             },
         )
-        state = _Screening(call, kind, body, user_turns(kind, request), last_prompt(request), span)
+        state = _Screening(call, kind, body, request, user_turns(kind, request), last_prompt(request), span)
         streamed = False
         try:
             reply = await self._complete(state, bool(request.stream))
@@ -278,25 +280,16 @@ class Pipeline:
 
     def _rewritten(self, state: _Screening, judged: list[str], instruction: str) -> dict[str, Any]:
         body = dict(state.body)
-        if state.kind == "completion":
+        if isinstance(state.request, CompletionRequest):
             body["prompt"] = instruction
             return body
         flagged = set(judged)
-        messages = []
-        for message in body["messages"]:
-            if isinstance(message, dict) and message.get("role") in SCREENED_ROLES:
-                text = message.get("content")
-                joined = (
-                    text
-                    if isinstance(text, str)
-                    else "\n".join(
-                        part.get("text", "") for part in text or [] if isinstance(part, dict) and part.get("text")
-                    )
-                )
-                if joined in flagged:
-                    message = {**message, "content": instruction}
-            messages.append(message)
-        body["messages"] = messages
+        body["messages"] = [
+            {**raw, "content": instruction}
+            if parsed.role in SCREENED_ROLES and message_text(parsed.content) in flagged
+            else raw
+            for raw, parsed in zip(body["messages"], state.request.messages, strict=True)
+        ]
         return body
 
     async def _screen_answer(self, state: _Screening, raw: bytes) -> bytes:
