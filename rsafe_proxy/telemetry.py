@@ -129,6 +129,7 @@ class Recorder:
                     "rsafe.guard.unsafe_probability": verdict.unsafe_probability,
                     "gen_ai.usage.input_tokens": verdict.prompt_tokens,
                     "gen_ai.usage.output_tokens": verdict.completion_tokens,
+                    "rsafe.guard.cached_tokens": verdict.cached_tokens,
                     "rsafe.guard.error": verdict.error,
                 }
             )

@@ -112,6 +112,14 @@ async def check_concurrent_calls(engine: GuardEngine, case: Case) -> None:
             assert 1 <= output.completion_tokens <= 8
 
 
+async def check_system_message(engine: GuardEngine, case: Case) -> None:
+    """A system message (families that put the policy there) reaches the model: it reads more tokens."""
+    sampling = replace(GREEDY, max_tokens=2)
+    alone = await engine.complete(PROMPT, sampling)
+    with_system = await engine.complete(PROMPT, sampling, system="Policy: flag requests for weapons. Answer 0 or 1.")
+    assert with_system.prompt_tokens > alone.prompt_tokens + 5
+
+
 async def check_errors_are_guard_engine_errors(engine: GuardEngine, case: Case) -> None:
     """A prompt the model cannot take fails as GuardEngineError, and the engine keeps serving afterwards."""
     with pytest.raises(GuardEngineError):
@@ -134,6 +142,7 @@ CHECKS: list[Check] = [
     check_returns_guard_output,
     check_respects_max_tokens,
     check_concurrent_calls,
+    check_system_message,
     check_errors_are_guard_engine_errors,
     check_aclose,  # last: it closes the engine the others share
 ]
@@ -220,7 +229,7 @@ def _vllm_case(model: str, mode: str) -> Case:
 
 
 def _transformers_subject(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Subject]:
-    from tests.test_transformers_engine import build_tiny_model
+    from tests.tiny_models import build_tiny_model
 
     folder = build_tiny_model(tmp_path_factory.mktemp("conformance-tiny"), vocab_size=300)
     options = {"model": str(folder), "adapter": None, "dtype": "float32"}

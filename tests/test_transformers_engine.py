@@ -3,77 +3,31 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import math
 import shutil
 import threading
 import time
-from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from rsafe_proxy.guard import embedded
 from rsafe_proxy.guard.engine import GuardEngine, GuardEngineError, GuardOutput, Sampling, load_engine
 from rsafe_proxy.guard.engines.transformers import TransformersEngine
 from rsafe_proxy.guard.protocol import CategoryLine, Side, load_template, render_prompt
-
-T = TypeVar("T")
-PREFIX = "<think>\n</think>\n\\boxed{"
-GREEDY = Sampling(temperature=0.0, repetition_penalty=1.0, max_tokens=12)
-PROMPTS = [
-    "How do I bake bread at home?",
-    "Tell me how to build a weapon, step by step, with every detail you know.",
-    "Is this safe?",
-    "The guard reads the policy and answers safe or unsafe.",
-    "hi",
-]
-# A real template may refuse a conversation (e.g. wrong role order); this one refuses a marker prompt.
-TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}{% if m['content'] == 'REFUSE' %}{{ raise_exception('refused') }}"
-    "{% endif %}user: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}guard:{% endif %}"
+from tests.tiny_models import (
+    GREEDY,
+    PREFIX,
+    PROMPTS,
+    build_tiny_model,
+    engine_outputs,
+    forward_batch_sizes,
+    log_odds,
+    run,
 )
-
-
-def build_tiny_model(folder: Path, vocab_size: int, template: str | None = TEMPLATE) -> Path:
-    """A ~38k-parameter Llama and a BPE tokenizer trained on a few sentences (vocab 260 = bytes only)."""
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(["Is it \\boxed{safe} or \\boxed{unsafe}?"] * 20 + PROMPTS, trainer)
-    config = LlamaConfig(
-        vocab_size=tokenizer.get_vocab_size(),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=3,
-        initializer_range=0.5,  # large weights: peaked, prompt-dependent outputs, so mistakes show
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save(str(folder / "tokenizer.json"))
-    special = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
-    settings = {"tokenizer_class": "PreTrainedTokenizerFast", **special}
-    if template is not None:
-        settings["chat_template"] = template
-    (folder / "tokenizer_config.json").write_text(json.dumps(settings), encoding="utf-8")
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -96,31 +50,6 @@ def stuck(tmp_path_factory: pytest.TempPathFactory, tiny: Path) -> Path:
     weights["model.norm.weight"].zero_()
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
     return folder
-
-
-def log_odds(probability: float | None) -> float:
-    """Compares probabilities near 0 or 1 as finely as those near 0.5."""
-    assert probability is not None
-    assert 0.0 < probability < 1.0
-    return math.log(probability) - math.log1p(-probability)
-
-
-def run(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    return asyncio.run(main())
-
-
-def engine_outputs(folder: Path, prompts: list[str], sampling: Sampling = GREEDY, **options: Any) -> list[GuardOutput]:
-    """One engine, all prompts submitted at once (so they are batched), closed afterwards."""
-
-    async def main() -> list[GuardOutput]:
-        engine = TransformersEngine(model=str(folder), dtype="float32", **options)
-        await engine.start()
-        try:
-            return list(await asyncio.gather(*(engine.complete(prompt, sampling) for prompt in prompts)))
-        finally:
-            await engine.aclose()
-
-    return run(main)
 
 
 def manual_unsafe_probability(folder: Path, prompt: str) -> float:
@@ -167,17 +96,8 @@ def test_score_equals_a_manual_computation(fixture: str, request: pytest.Fixture
 @pytest.mark.parametrize("fixture", ["tiny", "tiny_bytes"])
 def test_batched_scores_equal_single_ones(fixture: str, request: pytest.FixtureRequest) -> None:
     folder: Path = request.getfixturevalue(fixture)
-    sizes: list[int] = []
-
-    def count_rows(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
-        if isinstance(module, torch.nn.Embedding):
-            sizes.append(args[0].shape[0])
-
-    handle = torch.nn.modules.module.register_module_forward_pre_hook(count_rows)
-    try:
+    with forward_batch_sizes() as sizes:
         batched = engine_outputs(folder, PROMPTS)
-    finally:
-        handle.remove()
     single = [engine_outputs(folder, [prompt])[0] for prompt in PROMPTS]
     assert max(sizes) == len(PROMPTS)  # they really ran as one left-padded batch
     for one, many in zip(single, batched, strict=True):
@@ -188,17 +108,8 @@ def test_batched_scores_equal_single_ones(fixture: str, request: pytest.FixtureR
 
 
 def test_batches_never_exceed_max_batch(tiny: Path) -> None:
-    sizes: list[int] = []
-
-    def count_rows(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
-        if isinstance(module, torch.nn.Embedding):
-            sizes.append(args[0].shape[0])
-
-    handle = torch.nn.modules.module.register_module_forward_pre_hook(count_rows)
-    try:
+    with forward_batch_sizes() as sizes:
         outputs = engine_outputs(tiny, PROMPTS, max_batch=2)
-    finally:
-        handle.remove()
     assert max(sizes) == 2
     assert all(output.unsafe_probability is not None for output in outputs)
 

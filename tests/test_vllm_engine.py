@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 from rsafe_proxy.guard.engine import GuardEngineError, Sampling, load_engine
 from rsafe_proxy.guard.engines.transformers import TransformersEngine
 from rsafe_proxy.guard.engines.vllm import VLLMEngine, merged_model_dir, resolve_model
-from tests.test_transformers_engine import build_tiny_model
+from tests.tiny_models import build_tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ class GuardOutput:
 
     `text` is the model's own output (reasoning and boxed answer) in `generate` mode. In `score` mode the
     engine decodes nothing: `unsafe_probability` is P(unsafe) / (P(safe) + P(unsafe)) at the forced `\\boxed{`
-    and `text` is empty.
+    and `text` is empty. `cached_tokens` of the `prompt_tokens` were not computed again (prefix reuse).
     """
 
     text: str
@@ -38,6 +38,13 @@ class GuardOutput:
     prompt_tokens: int = 0
     unsafe_probability: float | None = None
     truncated: bool = False
+    cached_tokens: int = 0  # leading prompt tokens read from a reused key/value cache
+
+
+def chat_messages(prompt: str, system: str | None = None) -> list[dict[str, str]]:
+    """The chat messages of one guard call: the optional system message, then the prompt as the user's."""
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    return [*messages, {"role": "user", "content": prompt}]
 
 
 class GuardEngineError(Exception):
@@ -46,12 +53,13 @@ class GuardEngineError(Exception):
 
 @runtime_checkable
 class GuardEngine(Protocol):
-    """Turns one rendered guard prompt (sent as a single user message) into the model's output."""
+    """Turns one rendered guard prompt (a user message, after an optional system message) into the model's output."""
 
     name: str
 
-    async def complete(self, prompt: str, sampling: Sampling) -> GuardOutput:
-        """Run the guard model on `prompt`; raise GuardEngineError when no output can be had."""
+    async def complete(self, prompt: str, sampling: Sampling, system: str | None = None) -> GuardOutput:
+        """Run the guard model on `prompt` (and `system`, for families that put the policy there); raise
+        GuardEngineError when no output can be had."""
         ...
 
     async def ready(self) -> bool:

@@ -66,6 +66,13 @@ def load_template(family: str, side: Side) -> str:
     return resources.files("rsafe_proxy.guard").joinpath("templates", family, name).read_text(encoding="utf-8")
 
 
+@cache
+def load_system_template(family: str) -> str | None:
+    """The system-message template of `family` (families that put the policy there), or None."""
+    path = resources.files("rsafe_proxy.guard").joinpath("templates", family, "system.txt")
+    return path.read_text(encoding="utf-8") if path.is_file() else None
+
+
 def rsafe_line(category: CategoryLine) -> str:
     """`U1  - Name`: ids padded to three characters, as in RSafe's training data."""
     line = f"{category.id:<3} - {category.name}"

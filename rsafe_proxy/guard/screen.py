@@ -13,6 +13,7 @@ from rsafe_proxy.guard.protocol import (
     Label,
     Reading,
     Side,
+    load_system_template,
     load_template,
     named_categories,
     render_prompt,
@@ -30,6 +31,7 @@ class Verdict:
     unsafe_probability: float | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
     seconds: float = 0.0
     cached: bool = False
     error: str | None = None
@@ -55,11 +57,17 @@ class Screener:
         self.cache = cache
 
     def render(self, policy: Policy, side: Side, prompt: str, response: str | None = None) -> str:
-        """The guard prompt for this policy and content."""
+        """The guard prompt (the user message) for this policy and content."""
         chosen = family(self.settings.template or policy.template)
         template = load_template(chosen.name, side)
         content = response if side is Side.OUTPUT else None
         return render_prompt(template, policy.category_lines(side), prompt, content, chosen.line)
+
+    def render_system(self, policy: Policy, side: Side) -> str | None:
+        """The system message for this policy, for families that put the policy there; else None."""
+        chosen = family(self.settings.template or policy.template)
+        template = load_system_template(chosen.name)
+        return None if template is None else render_prompt(template, policy.category_lines(side), "", None, chosen.line)
 
     def _sampling(self, policy: Policy) -> Sampling:
         overrides = policy.guard
@@ -111,7 +119,11 @@ class Screener:
         started = time.perf_counter()
         try:
             output = await asyncio.wait_for(
-                self.engine.complete(self.render(policy, side, prompt, response), self._sampling(policy)),
+                self.engine.complete(
+                    self.render(policy, side, prompt, response),
+                    self._sampling(policy),
+                    system=self.render_system(policy, side),
+                ),
                 timeout=self.settings.timeout_s,
             )
         except TimeoutError:
@@ -126,6 +138,7 @@ class Screener:
             unsafe_probability=output.unsafe_probability,
             prompt_tokens=output.prompt_tokens,
             completion_tokens=output.completion_tokens,
+            cached_tokens=output.cached_tokens,
             seconds=time.perf_counter() - started,
             error=None if reading.label is not Label.UNKNOWN else "the guard's output held no readable verdict",
         )

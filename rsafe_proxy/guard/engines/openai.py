@@ -6,11 +6,11 @@ from typing import Any
 
 import httpx
 
-from rsafe_proxy.guard.engine import GuardEngineError, GuardOutput, Sampling
+from rsafe_proxy.guard.engine import GuardEngineError, GuardOutput, Sampling, chat_messages
 
 
 class OpenAIEngine:
-    """One user message per screen, sent to `{url}/chat/completions`."""
+    """One user message per screen (after the family's system message, if any), sent to `{url}/chat/completions`."""
 
     name = "openai"
 
@@ -36,11 +36,11 @@ class OpenAIEngine:
             transport=transport,
         )
 
-    async def complete(self, prompt: str, sampling: Sampling) -> GuardOutput:
-        """Send the rendered prompt as the only user message and return the model's text."""
+    async def complete(self, prompt: str, sampling: Sampling, system: str | None = None) -> GuardOutput:
+        """Send the rendered prompt as the user message and return the model's text."""
         payload = {
             "model": self._model,
-            "messages": [{"role": "user", "content": prompt}],
+            "messages": chat_messages(prompt, system),
             "temperature": sampling.temperature,
             "top_p": sampling.top_p,
             "max_tokens": sampling.max_tokens,
@@ -62,14 +62,17 @@ class OpenAIEngine:
             choice = body["choices"][0]
             text = choice["message"]["content"] or ""
             usage = body.get("usage") or {}
-        except (ValueError, KeyError, IndexError, TypeError) as error:
+            details = usage.get("prompt_tokens_details") or {}  # vLLM fills it with --enable-prompt-tokens-details
+            output = GuardOutput(
+                text=str(text),
+                completion_tokens=int(usage.get("completion_tokens") or 0),
+                prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                truncated=choice.get("finish_reason") == "length",
+                cached_tokens=int(details.get("cached_tokens") or 0),
+            )
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as error:
             raise GuardEngineError(f"guard server sent an unexpected body: {response.text[:200]}") from error
-        return GuardOutput(
-            text=str(text),
-            completion_tokens=int(usage.get("completion_tokens") or 0),
-            prompt_tokens=int(usage.get("prompt_tokens") or 0),
-            truncated=choice.get("finish_reason") == "length",
-        )
+        return output
 
     async def ready(self) -> bool:
         """True when the server lists its models."""

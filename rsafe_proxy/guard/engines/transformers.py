@@ -1,8 +1,13 @@
-"""The in-process guard engine: a causal LM run by transformers on one worker thread, with batching.
+"""The in-process guard engine: a causal LM run by transformers on one worker thread, with batching and
+prefix reuse.
 
 torch and transformers are imported when the model loads, so configuring this engine costs nothing. All model
 work runs on a single dedicated thread; the event loop only queues requests and collects results. Requests
 that arrive while a batch runs are gathered (up to `max_batch`) and run together, left-padded.
+
+Prefix reuse: the policy part of a guard prompt is the same for every screen of a tenant. The engine learns
+such shared leading tokens (see prefix.py), computes their key/value cache once, and then reads only the rest
+of each prompt, so a verdict costs roughly the content's tokens rather than the policy's.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rsafe_proxy.guard.embedded import embedded_adapter_dir, embedded_model_dir
-from rsafe_proxy.guard.engine import GuardEngineError, GuardOutput, Sampling
+from rsafe_proxy.guard.engine import GuardEngineError, GuardOutput, Sampling, chat_messages
+from rsafe_proxy.guard.engines.prefix import PrefixStore, Tokens
 
 if TYPE_CHECKING:
     import torch
@@ -30,16 +36,20 @@ _TURN_ENDS = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>")
 
 @dataclass(frozen=True)
 class _Request:
-    prompt: str
+    messages: list[dict[str, str]]
     sampling: Sampling
     future: asyncio.Future[GuardOutput]
+
+
+Job = tuple[list[dict[str, str]], Sampling]
 
 
 class TransformersEngine:
     """Runs the guard model in process; `model="embedded"` is the packaged Gemma 3 270M.
 
     `mode="score"` reads P(unsafe) / (P(safe) + P(unsafe)) right after `score_prefix` in one forward pass;
-    `mode="generate"` samples the model's own reasoning and answer.
+    `mode="generate"` samples the model's own reasoning and answer. `prefix_cache` is how many shared prompt
+    prefixes (policies) keep their key/value cache; 0 turns prefix reuse off.
     """
 
     name = "transformers"
@@ -55,6 +65,7 @@ class TransformersEngine:
         threads: int | None = None,
         score_prefix: str = "<think>\n</think>\n\\boxed{",
         max_batch: int = 8,
+        prefix_cache: int = 16,
     ) -> None:
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, not {mode!r}")
@@ -62,7 +73,10 @@ class TransformersEngine:
             raise ValueError(f"dtype must be one of {_DTYPES}, not {dtype!r}")
         if max_batch < 1 or (threads is not None and threads < 1):
             raise ValueError("max_batch and threads must be at least 1")
+        if prefix_cache < 0:
+            raise ValueError("prefix_cache must be 0 (off) or more")
         self._options = (model, adapter, device, dtype, threads)
+        self._prefix_cache = prefix_cache
         self._mode = mode
         self._score_prefix = score_prefix
         self._max_batch = max_batch
@@ -87,10 +101,10 @@ class TransformersEngine:
             if self._server is None:
                 self._server = asyncio.create_task(self._serve(self._runner), name="rsafe-guard-batcher")
 
-    async def complete(self, prompt: str, sampling: Sampling) -> GuardOutput:
+    async def complete(self, prompt: str, sampling: Sampling, system: str | None = None) -> GuardOutput:
         """Queue `prompt` for the next batch and wait for its output."""
         await self.start()
-        request = _Request(prompt, sampling, asyncio.get_running_loop().create_future())
+        request = _Request(chat_messages(prompt, system), sampling, asyncio.get_running_loop().create_future())
         self._queue.put_nowait(request)
         return await request.future
 
@@ -117,7 +131,7 @@ class TransformersEngine:
                 batch.append(self._queue.get_nowait())
             live = [request for request in batch if not request.future.done()]  # skip callers that gave up
             try:
-                jobs = [(request.prompt, request.sampling) for request in live]
+                jobs = [(request.messages, request.sampling) for request in live]
                 outcomes = await loop.run_in_executor(self._executor, runner.run, jobs)
             except asyncio.CancelledError:
                 for request in live:
@@ -159,7 +173,8 @@ class TransformersEngine:
         # grad off. Under inference_mode requiring grad costs nothing: no graph is recorded.
         for parameter in model.parameters():
             parameter.requires_grad_(parameter.is_floating_point())
-        return _Runner(model, tokenizer, self._mode, self._score_prefix, device)
+        prefixes = PrefixStore[Any](self._prefix_cache) if self._prefix_cache else None
+        return _Runner(model, tokenizer, self._mode, self._score_prefix, device, prefixes)
 
 
 def _fail(request: _Request, error: GuardEngineError) -> None:
@@ -167,17 +182,33 @@ def _fail(request: _Request, error: GuardEngineError) -> None:
         request.future.set_exception(error)
 
 
+@dataclass
+class _Group:
+    """Rows that run in one forward pass, and the stored prefix they share (none: `prefix` is empty)."""
+
+    rows: list[int]
+    prefix: Tokens = ()
+    cache: Any = None
+
+
 class _Runner:
     """The loaded model and tokenizer; used only on the worker thread."""
 
     def __init__(
-        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, mode: str, prefix: str, device: str
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        mode: str,
+        prefix: str,
+        device: str,
+        prefixes: PrefixStore[Any] | None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.mode = mode
         self.prefix = prefix
         self.device = device
+        self.prefixes = prefixes
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = int(pad) if isinstance(pad, int) else 0
         # transformers 5.x renamed the `past_key_values` argument and output to `cache`
@@ -188,8 +219,10 @@ class _Runner:
         vocab = tokenizer.get_vocab()
         stops.update(vocab[token] for token in (tokenizer.eos_token, *_TURN_ENDS) if token in vocab)
         self.stops = sorted(int(stop) for stop in stops)
+        window = getattr(model.config.get_text_config(), "sliding_window", None)
+        self.window = window if isinstance(window, int) and window > 0 else None
 
-    def run(self, jobs: list[tuple[str, Sampling]]) -> list[GuardOutput | GuardEngineError]:
+    def run(self, jobs: list[Job]) -> list[GuardOutput | GuardEngineError]:
         """Outputs in job order; a failed batch is retried one by one, so one bad prompt fails alone."""
         groups: dict[Sampling | None, list[int]] = {}
         for index, (_, sampling) in enumerate(jobs):  # score mode ignores sampling; generate batches alike ones
@@ -199,30 +232,29 @@ class _Runner:
             outcomes.update(zip(indexes, self._attempt([jobs[i][0] for i in indexes], key), strict=True))
         return [outcomes[i] for i in range(len(jobs))]
 
-    def _attempt(self, prompts: list[str], sampling: Sampling | None) -> list[GuardOutput | GuardEngineError]:
+    def _attempt(
+        self, conversations: list[list[dict[str, str]]], sampling: Sampling | None
+    ) -> list[GuardOutput | GuardEngineError]:
         try:
-            return list(self._batch(prompts, sampling))
+            return list(self._batch(conversations, sampling))
         except Exception as exc:  # whatever torch or transformers raise becomes the engine's error
-            if len(prompts) == 1:
+            if len(conversations) == 1:
                 return [GuardEngineError(f"guard model failed: {type(exc).__name__}: {exc}")]
-        return [self._attempt([prompt], sampling)[0] for prompt in prompts]
+        return [self._attempt([conversation], sampling)[0] for conversation in conversations]
 
-    def _batch(self, prompts: list[str], sampling: Sampling | None) -> list[GuardOutput]:
+    def _batch(self, conversations: list[list[dict[str, str]]], sampling: Sampling | None) -> list[GuardOutput]:
         import torch
 
-        rows = [self._encode(prompt) for prompt in prompts]
-        ids, mask = _left_pad(rows, self.pad_id, self.device)
+        rows = [self._encode(messages) for messages in conversations]
+        outputs: dict[int, GuardOutput] = {}
         with torch.inference_mode():
-            if sampling is None:
-                scores = self._score(ids, mask).tolist()
-                return [
-                    GuardOutput("", prompt_tokens=len(row), unsafe_probability=p)
-                    for p, row in zip(scores, rows, strict=True)
-                ]
-            return self._generate(ids, mask, rows, sampling)
+            for group in self._plan(rows, sampling):
+                chosen = [rows[index] for index in group.rows]
+                done = self._score(chosen, group) if sampling is None else self._generate(chosen, group, sampling)
+                outputs.update(zip(group.rows, done, strict=True))
+        return [outputs[index] for index in range(len(rows))]
 
-    def _encode(self, prompt: str) -> list[int]:
-        messages = [{"role": "user", "content": prompt}]
+    def _encode(self, messages: list[dict[str, str]]) -> list[int]:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         if not isinstance(text, str):
             raise TypeError(f"the chat template rendered {type(text).__name__}, not text")
@@ -230,16 +262,79 @@ class _Runner:
             text += self.prefix
         return list(self.tokenizer.encode(text, add_special_tokens=False))  # the template places BOS itself
 
-    def _score(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _plan(self, rows: list[list[int]], sampling: Sampling | None) -> list[_Group]:
+        """Split rows into forward passes: those sharing a stored prefix run together on its cache.
+
+        Padding between a shared prefix and the rest of a row is masked, but a sliding-window layer counts the
+        padded slots as part of its window. Rows of different lengths therefore share a pass only while the
+        longest of them (and what is generated after it) fits in the window; otherwise score mode runs them
+        one by one on the prefix (batching does not pay there), and generate mode batches them without it.
+        """
+        shared: dict[Tokens, _Group] = {}
+        plain = _Group([])
+        for index, row in enumerate(rows):
+            found = self._reusable(row)
+            if found is None:
+                plain.rows.append(index)
+            else:
+                shared.setdefault(found[0], _Group([], *found)).rows.append(index)
+        extra = max(len(tokens) for tokens in self.verdicts) - 1 if sampling is None else sampling.max_tokens
+        groups = []
+        for group in shared.values():
+            lengths = {len(rows[index]) for index in group.rows}
+            if self.window is None or len(lengths) == 1 or max(lengths) + extra <= self.window:
+                groups.append(group)
+            elif sampling is None:
+                groups.extend(_Group([index], group.prefix, group.cache) for index in group.rows)
+            else:
+                plain.rows.extend(group.rows)
+        return [plain, *groups] if plain.rows else groups
+
+    def _reusable(self, row: list[int]) -> tuple[Tokens, Any] | None:
+        """The stored prefix `row` starts with (computed now if the store proposes a new one), or None."""
+        if self.prefixes is None:
+            return None
+        found = self.prefixes.find(row)
+        new = self.prefixes.propose(row, have=len(found[0]) if found else 0)
+        if new is not None:
+            import torch
+
+            out = self.model(input_ids=torch.tensor([new], device=self.device), use_cache=True, logits_to_keep=1)
+            found = (new, out[self.cache_name])
+            self.prefixes.put(*found)
+        return found
+
+    def _inputs(self, rows: list[list[int]], group: _Group) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
+        """Token ids after the prefix (left-padded), the attention mask over all tokens, positions, the cache."""
+        import torch
+
+        start = len(group.prefix)
+        ids, mask = _left_pad([row[start:] for row in rows], self.pad_id, self.device)
+        cache = None
+        if group.cache is not None:
+            mask = torch.cat([mask.new_ones(len(rows), start), mask], dim=1)
+            cache = copy.deepcopy(group.cache)  # the model appends to the cache it is given
+            cache.batch_repeat_interleave(len(rows))
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        return ids, mask, positions, cache
+
+    def _score(self, rows: list[list[int]], group: _Group) -> list[GuardOutput]:
         # Every verdict's full continuation log-probability is compared, so a tokenizer that splits "unsafe"
         # (say "uns"+"afe") is scored exactly rather than by a first token shared with other words. Gemma's
         # tokenizer has one token each for "safe" and "unsafe" (after "{"), so one forward pass suffices;
         # longer continuations run on a copy of the prompt's KV cache, a few tokens each.
         import torch
 
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        ids, mask, positions, cache = self._inputs(rows, group)
         extend = any(len(tokens) > 1 for tokens in self.verdicts)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=extend, logits_to_keep=1)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions[:, -ids.shape[1] :],
+            use_cache=extend or cache is not None,
+            logits_to_keep=1,
+            **({self.cache_name: cache} if cache is not None else {}),
+        )
         first = out.logits[:, -1].float().log_softmax(-1)
         totals = []
         for tokens in self.verdicts:
@@ -256,11 +351,13 @@ class _Runner:
                 follow = step.logits.float().log_softmax(-1)[:, torch.arange(count), torch.tensor(tokens[1:])]
                 total = total + follow.sum(-1)
             totals.append(total)
-        return torch.sigmoid(totals[1] - totals[0])  # P(unsafe) / (P(safe) + P(unsafe))
+        scores = torch.sigmoid(totals[1] - totals[0]).tolist()  # P(unsafe) / (P(safe) + P(unsafe))
+        return [
+            GuardOutput("", prompt_tokens=len(row), unsafe_probability=p, cached_tokens=len(group.prefix))
+            for p, row in zip(scores, rows, strict=True)
+        ]
 
-    def _generate(
-        self, ids: torch.Tensor, mask: torch.Tensor, rows: list[list[int]], sampling: Sampling
-    ) -> list[GuardOutput]:
+    def _generate(self, rows: list[list[int]], group: _Group, sampling: Sampling) -> list[GuardOutput]:
         options: dict[str, Any] = {"do_sample": sampling.temperature > 0}
         if sampling.temperature > 0:  # top_k=0 turns off transformers' default top-k of 50, as in vLLM
             options.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
@@ -268,6 +365,13 @@ class _Runner:
 
         if not isinstance(self.model, GenerationMixin):
             raise TypeError(f"{type(self.model).__name__} cannot generate text")
+        import torch
+
+        ids, mask, _, cache = self._inputs(rows, group)
+        if cache is not None:  # generate takes every token and reads only those the cache does not hold
+            options[self.cache_name] = cache
+            head = torch.tensor([group.prefix], dtype=ids.dtype, device=ids.device).expand(len(rows), -1)
+            ids = torch.cat([head, ids], dim=1)
         out = self.model.generate(
             input_ids=ids,
             attention_mask=mask,
@@ -283,7 +387,9 @@ class _Runner:
             tokens = new if end is None else new[:end]
             text = self.tokenizer.decode(tokens, skip_special_tokens=True)
             text = text if isinstance(text, str) else "".join(text)
-            results.append(GuardOutput(text, len(tokens), len(row), truncated=end is None))
+            results.append(
+                GuardOutput(text, len(tokens), len(row), truncated=end is None, cached_tokens=len(group.prefix))
+            )
         return results
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from rsafe_proxy.guard.embedded import cache_root, embedded_adapter_dir, embedded_model_dir
-from rsafe_proxy.guard.engine import GuardEngineError, GuardOutput, Sampling
+from rsafe_proxy.guard.engine import GuardEngineError, GuardOutput, Sampling, chat_messages
 
 _MODES = ("generate", "score")
 _DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -116,7 +116,7 @@ class VLLMEngine:
                 builder = _PromptBuilder(engine.get_tokenizer(), self._chat_template, self._mode, self._score_prefix)
                 # A fresh engine's first request pays for one-off set-up (seconds on a CPU): pay it before the
                 # first verdict, and learn now whether the model runs at all.
-                await self._run(engine, builder, "ready?", Sampling(temperature=0.0, max_tokens=1))
+                await self._run(engine, builder, chat_messages("ready?"), Sampling(temperature=0.0, max_tokens=1))
             except BaseException as exc:  # cancelled too: nobody else will stop this engine
                 engine.shutdown()
                 if not isinstance(exc, Exception):
@@ -125,19 +125,21 @@ class VLLMEngine:
                 raise self._failure from exc
             self._engine, self._prompt = engine, builder
 
-    async def complete(self, prompt: str, sampling: Sampling) -> GuardOutput:
+    async def complete(self, prompt: str, sampling: Sampling, system: str | None = None) -> GuardOutput:
         """Run the guard model on `prompt`; vLLM batches this call with the others in flight."""
         await self.start()
         engine, builder = self._engine, self._prompt
         if engine is None or builder is None or self._closed:
             raise GuardEngineError("the vllm engine is closed")
-        return await self._run(engine, builder, prompt, sampling)
+        return await self._run(engine, builder, chat_messages(prompt, system), sampling)
 
-    async def _run(self, engine: Any, builder: _PromptBuilder, prompt: str, sampling: Sampling) -> GuardOutput:
+    async def _run(
+        self, engine: Any, builder: _PromptBuilder, messages: list[dict[str, str]], sampling: Sampling
+    ) -> GuardOutput:
         vllm_sampling = importlib.import_module("vllm.sampling_params")
         final_only = vllm_sampling.RequestOutputKind.FINAL_ONLY  # one output per request, not one per token
         try:
-            ids = builder.encode(prompt)
+            ids = builder.encode(messages)
             if self._mode == "score":
                 params = vllm_sampling.SamplingParams(
                     max_tokens=1,
@@ -164,13 +166,16 @@ class VLLMEngine:
         if final is None or not final.outputs:
             raise GuardEngineError("vLLM finished the request without an output")
         choice = final.outputs[0]
+        cached = int(getattr(final, "num_cached_tokens", None) or 0)  # read from vLLM's prefix cache
         if self._mode == "score":
-            return GuardOutput(text="", prompt_tokens=len(ids), unsafe_probability=_unsafe_probability(choice, builder))
+            probability = _unsafe_probability(choice, builder)
+            return GuardOutput("", prompt_tokens=len(ids), unsafe_probability=probability, cached_tokens=cached)
         return GuardOutput(
             text=choice.text,
             completion_tokens=len(choice.token_ids),
             prompt_tokens=len(ids),
             truncated=choice.finish_reason == "length",
+            cached_tokens=cached,
         )
 
     async def ready(self) -> bool:
@@ -263,8 +268,7 @@ class _PromptBuilder:
         if mode == "score":
             self.verdicts = tuple(self._single_token(score_prefix, word) for word in ("safe", "unsafe"))
 
-    def encode(self, prompt: str) -> list[int]:
-        messages = [{"role": "user", "content": prompt}]
+    def encode(self, messages: list[dict[str, str]]) -> list[int]:
         text = self.tokenizer.apply_chat_template(
             messages, chat_template=self.template, add_generation_prompt=True, tokenize=False
         )

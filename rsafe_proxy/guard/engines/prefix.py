@@ -1,0 +1,72 @@
+"""Which leading tokens of guard prompts are worth keeping a key/value cache for, and those caches (LRU).
+
+Every guard prompt of a tenant starts with the same policy, so prompts share long token prefixes. The store
+learns them from the prompts themselves: when a prompt shares at least `min_tokens` leading tokens with one
+seen recently (or with a stored prefix), that shared part becomes a stored prefix and the engine computes its
+cache once. No template has to mark where the policy ends. Pure bookkeeping: the engine decides what a value is.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from collections.abc import Sequence
+from typing import Generic, TypeVar
+
+V = TypeVar("V")
+
+Tokens = tuple[int, ...]
+
+
+def shared_length(first: Sequence[int], second: Sequence[int]) -> int:
+    """How many leading tokens the two sequences share."""
+    count = 0
+    for a, b in zip(first, second, strict=False):
+        if a != b:
+            break
+        count += 1
+    return count
+
+
+class PrefixStore(Generic[V]):
+    """At most `capacity` stored prefixes (least recently used goes first), learned from the last `memory` prompts."""
+
+    def __init__(self, capacity: int, min_tokens: int = 32, memory: int = 32) -> None:
+        if capacity < 1 or min_tokens < 1 or memory < 1:
+            raise ValueError("capacity, min_tokens and memory must be at least 1")
+        self._capacity = capacity
+        self._min_tokens = min_tokens
+        self._entries: OrderedDict[Tokens, V] = OrderedDict()
+        self._recent: deque[Tokens] = deque(maxlen=memory)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def find(self, tokens: Sequence[int]) -> tuple[Tokens, V] | None:
+        """The longest stored prefix of `tokens` that leaves at least one token after it, and its value."""
+        fitting = [prefix for prefix in self._entries if len(prefix) < len(tokens)]
+        matching = [prefix for prefix in fitting if tuple(tokens[: len(prefix)]) == prefix]
+        if not matching:
+            return None
+        best = max(matching, key=len)
+        self._entries.move_to_end(best)
+        return best, self._entries[best]
+
+    def propose(self, tokens: Sequence[int], have: int = 0) -> Tokens | None:
+        """A new prefix of `tokens` worth storing, or None; `tokens` is remembered for later prompts either way.
+
+        A prefix is proposed when `tokens` shares at least `min_tokens` more leading tokens with a recent
+        prompt or a stored prefix than the `have` tokens already covered by a stored one.
+        """
+        shared = max((shared_length(tokens, other) for other in (*self._recent, *self._entries)), default=0)
+        shared = min(shared, len(tokens) - 1)  # the model must still read at least one token itself
+        self._recent.append(tuple(tokens))
+        if shared - have < self._min_tokens:
+            return None
+        return tuple(tokens[:shared])
+
+    def put(self, prefix: Tokens, value: V) -> None:
+        """Store `value` for `prefix`, dropping the least recently used prefix when full."""
+        self._entries[prefix] = value
+        self._entries.move_to_end(prefix)
+        while len(self._entries) > self._capacity:
+            self._entries.popitem(last=False)
