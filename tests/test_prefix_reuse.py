@@ -38,6 +38,7 @@ def fresh(folder: Path, prompts: list[str], **options: Any) -> list[GuardOutput]
 
 def reused(folder: Path, waves: list[list[str]], sampling: Sampling = GREEDY, **options: Any) -> list[GuardOutput]:
     """One engine with reuse; each wave is submitted at once (so it is batched) after the previous one."""
+    options.setdefault("max_batch", 8)
 
     async def main() -> list[GuardOutput]:
         engine = TransformersEngine(model=str(folder), dtype="float32", **options)
@@ -72,10 +73,19 @@ def test_a_prefix_is_proposed_once_two_prompts_share_enough_tokens() -> None:
 
 def test_a_prefix_never_covers_the_whole_prompt() -> None:
     store = PrefixStore[str](capacity=4, min_tokens=2)
-    store.propose([1, 2, 3])
+    store.propose([1, 2, 3, 4])
     assert store.propose([1, 2, 3]) == (1, 2)  # the model must read at least one token itself
     store.put((1, 2, 3), "whole")
     assert store.find([1, 2, 3]) is None
+
+
+def test_a_repeated_prompt_proposes_nothing() -> None:
+    """The same content screened again shares everything with itself; storing that would evict the policy."""
+    store = PrefixStore[str](capacity=4, min_tokens=2)
+    assert store.propose([1, 2, 3, 4]) is None
+    assert store.propose([1, 2, 3, 4]) is None
+    assert store.propose([1, 2, 3, 4]) is None
+    assert store.propose([1, 2, 9]) == (1, 2)
 
 
 def test_find_returns_the_longest_stored_prefix() -> None:

@@ -55,11 +55,15 @@ class PrefixStore(Generic[V]):
         """A new prefix of `tokens` worth storing, or None; `tokens` is remembered for later prompts either way.
 
         A prefix is proposed when `tokens` shares at least `min_tokens` more leading tokens with a recent
-        prompt or a stored prefix than the `have` tokens already covered by a stored one.
+        prompt or a stored prefix than the `have` tokens already covered by a stored one. A prompt seen before
+        (the same content screened again) proposes nothing: what it shares with itself is not a policy.
         """
-        shared = max((shared_length(tokens, other) for other in (*self._recent, *self._entries)), default=0)
-        shared = min(shared, len(tokens) - 1)  # the model must still read at least one token itself
-        self._recent.append(tuple(tokens))
+        prompt = tuple(tokens)
+        others = [other for other in (*self._recent, *self._entries) if other != prompt]
+        shared = max((shared_length(prompt, other) for other in others), default=0)
+        shared = min(shared, len(prompt) - 1)  # the model must still read at least one token itself
+        if prompt not in self._recent:
+            self._recent.append(prompt)
         if shared - have < self._min_tokens:
             return None
         return tuple(tokens[:shared])
