@@ -7,11 +7,12 @@ import re
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from rsafe_proxy.yamlsource import FileInvalid, Problem, YamlDocument, read_yaml, validate
+from rsafe_proxy.guard.families import family, mode_problem
+from rsafe_proxy.yamlsource import FileInvalid, InvalidPart, Problem, YamlDocument, read_yaml, validate
 
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:-([^}]*))?\}")
 
@@ -81,6 +82,21 @@ class GuardSettings(_Frozen):
     cache: CacheSettings = CacheSettings()
 
     _empty = field_validator("url", "model", "api_key", "template", mode="before")(_none_if_empty)
+
+    @field_validator("template")
+    @classmethod
+    def _known_family(cls, template: str | None) -> str | None:
+        if template is not None:
+            family(template)  # raises ValueError naming the known families
+        return template
+
+    @model_validator(mode="after")
+    def _readable_in_mode(self) -> Self:
+        template = self.effective_template()
+        problem = None if template is None else mode_problem(self.effective_mode(), family(template))
+        if problem is not None:
+            raise InvalidPart(["template"], problem)
+        return self
 
     def engine_name(self) -> str:
         """The engine this configuration selects."""

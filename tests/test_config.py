@@ -166,3 +166,23 @@ def test_tenants_must_be_unique_with_one_anonymous_at_most() -> None:
 )
 def test_the_embedded_model_gets_the_compact_template(guard: dict[str, object], template: str | None) -> None:
     assert GuardSettings.model_validate(guard).effective_template() == template
+
+
+def test_score_mode_refuses_a_family_read_in_generate_mode_only(tmp_path: Path) -> None:
+    path = write(tmp_path, "guard:\n  mode: score\n  template: gpt-oss-safeguard\n")
+    assert problems(path) == [
+        f"{path}:3: 'guard.template': score mode reads \\boxed{{safe|unsafe}}; template family 'gpt-oss-safeguard' "
+        "is read in generate mode only"
+    ]
+    embedded = write(tmp_path, "guard:\n  template: llama-guard\n")  # the embedded model scores by default
+    assert "llama-guard" in problems(embedded)[0]
+    served = GuardSettings.model_validate({"url": "http://guard/v1", "template": "gpt-oss-safeguard"})
+    assert served.effective_mode() == "generate"
+    assert GuardSettings.model_validate({"mode": "score", "template": "rsafe"}).effective_template() == "rsafe"
+
+
+def test_an_unknown_template_family_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, "guard:\n  url: http://guard/v1\n  template: llama_guard\n")
+    [problem] = problems(path)
+    assert problem.startswith(f"{path}:3: 'guard.template'")
+    assert "unknown template family 'llama_guard'" in problem

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from rsafe_proxy.guard.families import FAMILIES, family, parse_llama_guard
-from rsafe_proxy.guard.protocol import CategoryLine, Label, Side, load_template, render_prompt
+from rsafe_proxy.guard.protocol import CategoryLine, Label, Side, load_system_template, load_template, render_prompt
 
 CATEGORIES = (CategoryLine("S1", "Violent Crimes"), CategoryLine("S2", "Fraud", "Scams and theft."))
 
@@ -36,10 +36,13 @@ def test_llama_guard_verdicts(output: str, label: Label, categories: tuple[str, 
 def test_every_family_renders_both_sides(name: str, side: Side) -> None:
     chosen = family(name)
     text = render_prompt(load_template(chosen.name, side), CATEGORIES, "the prompt", "the answer", chosen.line)
+    system = load_system_template(chosen.name)  # families that put the policy in the system message
+    policy = text if system is None else render_prompt(system, CATEGORIES, "", None, chosen.line)
     assert "the prompt" in text
     assert ("the answer" in text) is (side is Side.OUTPUT)
-    assert "{" + "CATEGORIES}" not in text
-    assert chosen.line(CATEGORIES[0]) in text
+    assert "{" + "CATEGORIES}" not in text + policy
+    assert chosen.line(CATEGORIES[0]) in policy
+    assert system is None or chosen.line(CATEGORIES[0]) not in text
 
 
 def test_llama_guard_category_lines() -> None:

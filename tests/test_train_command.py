@@ -185,6 +185,22 @@ def test_an_interrupted_run_resumes_where_it_stopped(tiny_model: Path, tmp_path:
         assert torch.allclose(tensor, resumed[name], atol=1e-6), name
 
 
+def test_a_family_with_a_system_message_is_refused_before_anything_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from rsafe_proxy.cli import main
+
+    data = tmp_path / "rows.jsonl"
+    write_rows(data)
+    out = tmp_path / "out"
+    argv = ["--data", str(data), "--out", str(out), "--template", "rsafe", "--template", "gpt-oss-safeguard"]
+    with pytest.raises(ValueError, match="'gpt-oss-safeguard' puts the policy in a system message"):
+        run_train(parse(argv))
+    assert main(["train", *argv]) == 2
+    assert "training supports rsafe, rsafe-compact, llama-guard" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_held_out_split_is_stable_and_balance_evens_the_classes() -> None:
     rows = [Row(f"id-{i}", "p", None, "unsafe" if i % 3 == 0 else "safe", "prompt") for i in range(300)]
     train, held_out = split_rows(rows, 0.2)

@@ -1,13 +1,16 @@
 """Template families as data: each names its template files, how a category line is written, and how its
-verdict is read. RSafe is the default; Llama Guard style lets users keep the guard they already trust."""
+verdict is read. RSafe is the default; Llama Guard style lets users keep the guard they already trust;
+gpt-oss-safeguard style puts the policy in the system message and answers with a JSON object."""
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from rsafe_proxy.guard.protocol import CategoryLine, Label, Reading, parse_verdict, rsafe_line
+from rsafe_proxy.guard.protocol import CategoryLine, Label, Reading, named_categories, parse_verdict, rsafe_line
 
 
 def llama_guard_line(category: CategoryLine) -> str:
@@ -31,19 +34,87 @@ def parse_llama_guard(output: str, known_categories: Sequence[str] = ()) -> Read
     return Reading(Label.UNSAFE, output.strip(), categories)
 
 
+def _json_objects(text: str) -> Iterator[tuple[int, Any]]:
+    """(start, value) of each top-level JSON object in `text`, in order; an object inside another is not
+    yielded on its own, and a `{` that starts no valid JSON is skipped."""
+    decoder = json.JSONDecoder()
+    start = text.find("{")
+    while start != -1:
+        try:
+            value, end = decoder.raw_decode(text, start)
+        except (ValueError, RecursionError):  # not JSON from here, or nested too deep to read
+            start = text.find("{", start + 1)
+            continue
+        yield start, value
+        start = text.find("{", end)
+
+
+def _violation_label(value: object) -> Label:
+    """1/0, true/false or "1"/"0" as a label; any other value is UNKNOWN."""
+    if isinstance(value, bool):
+        return Label.UNSAFE if value else Label.SAFE
+    if not isinstance(value, int | str):
+        return Label.UNKNOWN
+    return {"1": Label.UNSAFE, "0": Label.SAFE}.get(str(value).strip(), Label.UNKNOWN)
+
+
+def _policy_categories(value: object, known: Sequence[str]) -> tuple[str, ...]:
+    """The known ids a `policy_category` value names (a string or a list of them), in policy order."""
+    named = value if isinstance(value, list) else [value]
+    return named_categories(" ".join(item for item in named if isinstance(item, str)), known)
+
+
+def _last_decision(answer: str) -> tuple[int, dict[str, Any]] | None:
+    """(start, object) of the last top-level JSON object in `answer` that has a `violation` key, or None."""
+    found = [item for item in _json_objects(answer) if isinstance(item[1], dict) and "violation" in item[1]]
+    return found[-1] if found else None
+
+
+def parse_gpt_oss_safeguard(output: str, known_categories: Sequence[str] = ()) -> Reading:
+    """Read a gpt-oss-safeguard answer: the last JSON object with a `violation` key, or a bare `0` or `1`.
+
+    With a `</think>` (the openai engine puts the reasoning a server split off there), the answer is what
+    follows the last one and the reasoning what precedes it; without, the reasoning is the text before the
+    answer (a `<think>` never closed is no answer). `policy_category` names the categories of an unsafe verdict.
+    Anything else is UNKNOWN: a verdict the model did not clearly give is never taken as safe.
+    """
+    end = output.rfind("</think>")
+    if end == -1 and "<think>" in output:  # a reasoning never closed (cut off): what it holds is no answer
+        return Reading(Label.UNKNOWN, output.strip())
+    thought = output[:end].replace("<think>", "", 1).strip() if end != -1 else None
+    answer = output[end + len("</think>") :] if end != -1 else output
+    bare = answer.strip().strip("`").strip()
+    if bare in ("0", "1"):
+        return Reading(_violation_label(bare), thought or "")
+    found = _last_decision(answer)
+    if found is None:
+        return Reading(Label.UNKNOWN, output.strip())
+    start, decision = found
+    label = _violation_label(decision["violation"])
+    categories = _policy_categories(decision.get("policy_category"), known_categories) if label is Label.UNSAFE else ()
+    return Reading(label, answer[:start].strip() if thought is None else thought, categories)
+
+
 @dataclass(frozen=True)
 class Family:
-    """A guard prompt family: templates in `guard/templates/<name>/`, a category line format, a verdict reader."""
+    """A guard prompt family: templates in `guard/templates/<name>/`, a category line format, a verdict reader.
+
+    `boxed`: the model answers `\\boxed{safe|unsafe}`, so score mode (one pass ending in a forced `\\boxed{`)
+    can read it; the other families are read in generate mode only.
+    """
 
     name: str
     line: Callable[[CategoryLine], str]
     read: Callable[[str, Sequence[str]], Reading]
+    boxed: bool = False
 
 
 FAMILIES: Mapping[str, Family] = {
-    "rsafe": Family("rsafe", rsafe_line, parse_verdict),
-    "rsafe-compact": Family("rsafe-compact", rsafe_line, parse_verdict),
+    "rsafe": Family("rsafe", rsafe_line, parse_verdict, boxed=True),
+    "rsafe-compact": Family("rsafe-compact", rsafe_line, parse_verdict, boxed=True),
     "llama-guard": Family("llama-guard", llama_guard_line, parse_llama_guard),
+    # the policy is the system message (templates/gpt-oss-safeguard/system.txt), the content the user message
+    "gpt-oss-safeguard": Family("gpt-oss-safeguard", llama_guard_line, parse_gpt_oss_safeguard),
 }
 
 
@@ -53,3 +124,10 @@ def family(name: str) -> Family:
         return FAMILIES[name]
     except KeyError:
         raise ValueError(f"unknown template family {name!r}; known: {', '.join(FAMILIES)}") from None
+
+
+def mode_problem(mode: str, chosen: Family) -> str | None:
+    """Why `chosen` cannot be read in `mode`, or None: score mode reads only families that answer `\\boxed{}`."""
+    if mode != "score" or chosen.boxed:
+        return None
+    return f"score mode reads \\boxed{{safe|unsafe}}; template family {chosen.name!r} is read in generate mode only"

@@ -21,6 +21,10 @@ _FORGERIES: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"<\s*(/?)\s*think\s*>", re.I), r"[\1think]"),
     (re.compile(r"\\+\s*boxed\s*\{", re.I), "[boxed]{"),
     (re.compile(r"<\s*(BEGIN|END)\s+(CONVERSATION|UNSAFE\s+CONTENT\s+CATEGORIES)\s*>", re.I), r"[\1 \2]"),
+    # chat-template control tokens a tokenizer would read as such: a forged turn or answer channel (gpt-oss's
+    # harmony `<|start|>assistant<|channel|>final<|message|>`, Qwen's `<|im_start|>`, Gemma's `<start_of_turn>`)
+    (re.compile(r"<\|\s*(\w+)\s*\|>"), r"[|\1|]"),
+    (re.compile(r"<\s*(start_of_turn|end_of_turn)\s*>", re.I), r"[\1]"),
     # a line that starts like a turn of the conversation ("Agent: ...") would fake that turn
     (re.compile(r"^([ \t]*)(user|agent|assistant|system)([ \t]*):", re.I | re.M), r"\1\2\3 -"),
 )

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 
 from rsafe_proxy.guard.cache import TTLCache, cache_key
 from rsafe_proxy.guard.engine import GuardEngine, GuardEngineError, GuardOutput, Sampling
-from rsafe_proxy.guard.families import family
+from rsafe_proxy.guard.families import Family, family, mode_problem
 from rsafe_proxy.guard.protocol import (
     Label,
     Reading,
@@ -56,16 +56,20 @@ class Screener:
         self.settings = settings
         self.cache = cache
 
+    def family(self, policy: Policy) -> Family:
+        """The template family this policy is rendered and read with (the configured one overrides it)."""
+        return family(self.settings.template or policy.template)
+
     def render(self, policy: Policy, side: Side, prompt: str, response: str | None = None) -> str:
         """The guard prompt (the user message) for this policy and content."""
-        chosen = family(self.settings.template or policy.template)
+        chosen = self.family(policy)
         template = load_template(chosen.name, side)
         content = response if side is Side.OUTPUT else None
         return render_prompt(template, policy.category_lines(side), prompt, content, chosen.line)
 
     def render_system(self, policy: Policy, side: Side) -> str | None:
         """The system message for this policy, for families that put the policy there; else None."""
-        chosen = family(self.settings.template or policy.template)
+        chosen = self.family(policy)
         template = load_system_template(chosen.name)
         return None if template is None else render_prompt(template, policy.category_lines(side), "", None, chosen.line)
 
@@ -87,8 +91,7 @@ class Screener:
         # an id the content itself holds may be read back from the guard quoting it: a user could pick the
         # mildest category that way, so only ids the content does not hold are attributed
         quoted = set(named_categories(content, ids))
-        read = family(self.settings.template or policy.template).read
-        reading = read(output.text, [known for known in ids if known not in quoted])
+        reading = self.family(policy).read(output.text, [known for known in ids if known not in quoted])
         if output.truncated and reading.label is Label.UNKNOWN:
             return Reading(Label.UNKNOWN, reading.reasoning + " [cut off at the reasoning budget]")
         return reading
@@ -117,6 +120,9 @@ class Screener:
         if hit is not None:
             return replace(hit, cached=True, seconds=0.0)
         started = time.perf_counter()
+        unreadable = mode_problem(self.settings.mode, self.family(policy))
+        if unreadable is not None:  # a policy's own family (guard.template is checked with the config)
+            return Verdict(Label.UNKNOWN, error=unreadable)
         try:
             output = await asyncio.wait_for(
                 self.engine.complete(

@@ -17,7 +17,7 @@ from typing import Any
 
 from rsafe_proxy.datasets import Row, read_rows
 from rsafe_proxy.evaluation import Metrics, compute_metrics, format_table, roc_auc
-from rsafe_proxy.train.data import PromptBuilder, assign_templates, balance, sample, split_rows
+from rsafe_proxy.train.data import PromptBuilder, assign_templates, balance, sample, split_rows, trainable_family
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -148,7 +148,6 @@ def run_train(args: argparse.Namespace) -> int:
     """Run the train command; returns the process exit status."""
     import torch
 
-    from rsafe_proxy.guard.families import family
     from rsafe_proxy.policy.loading import load_policy, packaged_policy_path
     from rsafe_proxy.train import modeling
     from rsafe_proxy.train.checkpoint import RunState, StepLog, list_checkpoints, load_checkpoint, save_checkpoint
@@ -156,14 +155,14 @@ def run_train(args: argparse.Namespace) -> int:
     from rsafe_proxy.train.sft import SftSettings, run_sft
 
     started = time.monotonic()
+    templates: list[str] = list(dict.fromkeys(args.template or ["rsafe-compact"]))
+    for name in templates:
+        trainable_family(name)  # raises ValueError naming the families training supports
     torch.set_num_threads(max(1, args.threads))
     torch.manual_seed(args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     policy = load_policy(args.policy or packaged_policy_path())
-    templates: list[str] = list(dict.fromkeys(args.template or ["rsafe-compact"]))
-    for name in templates:
-        family(name)  # raises ValueError naming the known families
     builders = {name: PromptBuilder.for_policy(name, policy) for name in templates}
 
     rows = [row for path in args.data for row in read_rows(path)]

@@ -13,8 +13,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
 from rsafe_proxy.datasets import LABELS, Row
-from rsafe_proxy.guard.families import family
-from rsafe_proxy.guard.protocol import CategoryLine, Side, load_template, render_prompt
+from rsafe_proxy.guard.families import FAMILIES, family
+from rsafe_proxy.guard.protocol import CategoryLine, Side, load_system_template, load_template, render_prompt
 from rsafe_proxy.policy.schema import Policy
 
 # The answer the score mode reads: an empty think, then the boxed label (see TransformersEngine's score_prefix).
@@ -64,12 +64,25 @@ def sample(rows: Sequence[Row], limit: int | None, seed: int) -> list[Row]:
     return [rows[index] for index in keep]
 
 
+def trainable_family(name: str) -> str:
+    """`name`, checked: a known family whose whole guard prompt is the user message, the one message training
+    renders; ValueError otherwise (a family with a system message would be trained on the wrong prompt)."""
+    family(name)  # raises ValueError naming the known families
+    if load_system_template(name) is not None:
+        supported = ", ".join(known for known in FAMILIES if load_system_template(known) is None)
+        raise ValueError(f"template family {name!r} puts the policy in a system message; training supports {supported}")
+    return name
+
+
 @dataclass(frozen=True)
 class PromptBuilder:
     """Renders the guard prompt of a row with a template family and a policy's categories."""
 
     family: str
     categories: dict[Side, tuple[CategoryLine, ...]]
+
+    def __post_init__(self) -> None:
+        trainable_family(self.family)
 
     @classmethod
     def for_policy(cls, family: str, policy: Policy) -> PromptBuilder:

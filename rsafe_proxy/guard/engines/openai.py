@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import httpx
 
 from rsafe_proxy.guard.engine import GuardEngineError, GuardOutput, Sampling, chat_messages
+
+
+def message_text(message: Mapping[str, Any]) -> str:
+    """The model's output as one text: the content, after the reasoning in `<think>` tags where the server split
+    the reasoning off (vLLM with `--reasoning-parser`, as for gpt-oss: `reasoning_content`, `reasoning` in newer
+    versions), so that every family's reader sees both, as in a plain completion."""
+    content = str(message["content"] or "")
+    for key in ("reasoning_content", "reasoning"):
+        reasoning = message.get(key)
+        if isinstance(reasoning, str) and reasoning:
+            return f"<think>\n{reasoning}\n</think>\n{content}"
+    return content
 
 
 class OpenAIEngine:
@@ -60,11 +73,11 @@ class OpenAIEngine:
         try:
             body: dict[str, Any] = response.json()
             choice = body["choices"][0]
-            text = choice["message"]["content"] or ""
+            text = message_text(choice["message"])
             usage = body.get("usage") or {}
             details = usage.get("prompt_tokens_details") or {}  # vLLM fills it with --enable-prompt-tokens-details
             output = GuardOutput(
-                text=str(text),
+                text=text,
                 completion_tokens=int(usage.get("completion_tokens") or 0),
                 prompt_tokens=int(usage.get("prompt_tokens") or 0),
                 truncated=choice.get("finish_reason") == "length",
