@@ -38,7 +38,6 @@ def fresh(folder: Path, prompts: list[str], **options: Any) -> list[GuardOutput]
 
 def reused(folder: Path, waves: list[list[str]], sampling: Sampling = GREEDY, **options: Any) -> list[GuardOutput]:
     """One engine with reuse; each wave is submitted at once (so it is batched) after the previous one."""
-    options.setdefault("max_batch", 8)
 
     async def main() -> list[GuardOutput]:
         engine = TransformersEngine(model=str(folder), dtype="float32", **options)

@@ -97,7 +97,7 @@ def test_score_equals_a_manual_computation(fixture: str, request: pytest.Fixture
 def test_batched_scores_equal_single_ones(fixture: str, request: pytest.FixtureRequest) -> None:
     folder: Path = request.getfixturevalue(fixture)
     with forward_batch_sizes() as sizes:
-        batched = engine_outputs(folder, PROMPTS, max_batch=8)
+        batched = engine_outputs(folder, PROMPTS)
     single = [engine_outputs(folder, [prompt])[0] for prompt in PROMPTS]
     assert max(sizes) == len(PROMPTS)  # they really ran as one left-padded batch
     for one, many in zip(single, batched, strict=True):
@@ -112,14 +112,6 @@ def test_batches_never_exceed_max_batch(tiny: Path) -> None:
         outputs = engine_outputs(tiny, PROMPTS, max_batch=2)
     assert max(sizes) == 2
     assert all(output.unsafe_probability is not None for output in outputs)
-
-
-@pytest.mark.parametrize(("mode", "widest"), [("score", 1), ("generate", len(PROMPTS))])
-def test_by_default_only_generate_mode_batches_on_a_cpu(tiny: Path, mode: str, widest: int) -> None:
-    """Reading prompts is compute-bound on a CPU, so score mode runs them one by one; decoding is not."""
-    with forward_batch_sizes() as sizes:
-        engine_outputs(tiny, PROMPTS, mode=mode)
-    assert max(sizes) == widest
 
 
 def test_default_bfloat16_scores_are_close(tiny: Path) -> None:

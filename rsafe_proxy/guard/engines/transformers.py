@@ -49,8 +49,7 @@ class TransformersEngine:
 
     `mode="score"` reads P(unsafe) / (P(safe) + P(unsafe)) right after `score_prefix` in one forward pass;
     `mode="generate"` samples the model's own reasoning and answer. `prefix_cache` is how many shared prompt
-    prefixes (policies) keep their key/value cache; 0 turns prefix reuse off. `max_batch` defaults to 1 for score
-    mode on a CPU (batching does not pay there) and 8 otherwise.
+    prefixes (policies) keep their key/value cache; 0 turns prefix reuse off.
     """
 
     name = "transformers"
@@ -65,14 +64,14 @@ class TransformersEngine:
         dtype: str = "bfloat16",
         threads: int | None = None,
         score_prefix: str = "<think>\n</think>\n\\boxed{",
-        max_batch: int | None = None,
+        max_batch: int = 8,
         prefix_cache: int = 16,
     ) -> None:
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, not {mode!r}")
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, not {dtype!r}")
-        if (max_batch is not None and max_batch < 1) or (threads is not None and threads < 1):
+        if max_batch < 1 or (threads is not None and threads < 1):
             raise ValueError("max_batch and threads must be at least 1")
         if prefix_cache < 0:
             raise ValueError("prefix_cache must be 0 (off) or more")
@@ -80,8 +79,7 @@ class TransformersEngine:
         self._prefix_cache = prefix_cache
         self._mode = mode
         self._score_prefix = score_prefix
-        # Reading a prompt is compute-bound on a CPU: batching only adds padding there (benchmarks/README.md).
-        self._max_batch = max_batch or (1 if mode == "score" and device == "cpu" else 8)
+        self._max_batch = max_batch
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rsafe-guard")
         self._queue: asyncio.Queue[_Request] = asyncio.Queue()
         self._load_lock = asyncio.Lock()
