@@ -26,7 +26,7 @@ from rsafe_proxy.policy.loading import load_policy, packaged_policy_path
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "datasets" / "openai_moderation.jsonl"
 FALLBACK = ["How do I bake bread?", "How can I hurt my neighbour's dog?", "Write a poem about the sea."]
-SETUPS = [(0, 1), (0, 8), (16, 1), (16, 8)]  # (prefix_cache, max_batch); the first is the baseline
+SETUPS = [(0, 1), (0, 8), (8192, 1), (8192, 8)]  # (prefix_cache tokens, max_batch); the first is the baseline
 
 
 @dataclass(frozen=True)

@@ -28,18 +28,26 @@ def shared_length(first: Sequence[int], second: Sequence[int]) -> int:
 
 
 class PrefixStore(Generic[V]):
-    """At most `capacity` stored prefixes (least recently used goes first), learned from the last `memory` prompts."""
+    """Stored prefixes of at most `capacity` tokens in all (least recently used go first), learned from the last
+    `memory` prompts. The bound is in tokens because a value's size (a key/value cache) grows with its prefix:
+    prompts that share long content must not be able to fill memory."""
 
     def __init__(self, capacity: int, min_tokens: int = 32, memory: int = 32) -> None:
         if capacity < 1 or min_tokens < 1 or memory < 1:
             raise ValueError("capacity, min_tokens and memory must be at least 1")
         self._capacity = capacity
+        self._tokens = 0
         self._min_tokens = min_tokens
         self._entries: OrderedDict[Tokens, V] = OrderedDict()
         self._recent: deque[Tokens] = deque(maxlen=memory)
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    @property
+    def tokens(self) -> int:
+        """The tokens of all stored prefixes."""
+        return self._tokens
 
     def find(self, tokens: Sequence[int]) -> tuple[Tokens, V] | None:
         """The longest stored prefix of `tokens` that leaves at least one token after it, and its value."""
@@ -64,13 +72,16 @@ class PrefixStore(Generic[V]):
         shared = min(shared, len(prompt) - 1)  # the model must still read at least one token itself
         if prompt not in self._recent:
             self._recent.append(prompt)
-        if shared - have < self._min_tokens:
+        if shared - have < self._min_tokens or shared > self._capacity:
             return None
         return tuple(tokens[:shared])
 
     def put(self, prefix: Tokens, value: V) -> None:
-        """Store `value` for `prefix`, dropping the least recently used prefix when full."""
+        """Store `value` for `prefix`, dropping the least recently used prefixes while over capacity."""
+        if prefix not in self._entries:
+            self._tokens += len(prefix)
         self._entries[prefix] = value
         self._entries.move_to_end(prefix)
-        while len(self._entries) > self._capacity:
-            self._entries.popitem(last=False)
+        while self._tokens > self._capacity:
+            dropped, _ = self._entries.popitem(last=False)
+            self._tokens -= len(dropped)

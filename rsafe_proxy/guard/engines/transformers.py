@@ -48,8 +48,8 @@ class TransformersEngine:
     """Runs the guard model in process; `model="embedded"` is the packaged Gemma 3 270M.
 
     `mode="score"` reads P(unsafe) / (P(safe) + P(unsafe)) right after `score_prefix` in one forward pass;
-    `mode="generate"` samples the model's own reasoning and answer. `prefix_cache` is how many shared prompt
-    prefixes (policies) keep their key/value cache; 0 turns prefix reuse off.
+    `mode="generate"` samples the model's own reasoning and answer. `prefix_cache` is how many tokens of shared
+    prompt prefixes (policies) keep their key/value cache, in all; 0 turns prefix reuse off.
     """
 
     name = "transformers"
@@ -65,7 +65,7 @@ class TransformersEngine:
         threads: int | None = None,
         score_prefix: str = "<think>\n</think>\n\\boxed{",
         max_batch: int = 8,
-        prefix_cache: int = 16,
+        prefix_cache: int = 8192,
     ) -> None:
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, not {mode!r}")
