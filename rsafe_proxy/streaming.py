@@ -97,8 +97,8 @@ class WindowedScreen:
             return False
         return any(len(choice.pending) >= self.settings.window_chars for choice in self.choices.values())
 
-    async def _judge_pending(self) -> tuple[int, Decision] | None:
-        """Judge every choice's pending text (with overlap); the first failing choice, or None."""
+    def _window(self) -> dict[int, str]:
+        """Take every choice's pending text (with overlap) as the next window to judge."""
         work = {
             index: choice.released[-self.settings.overlap_chars :] + choice.pending
             if self.settings.overlap_chars
@@ -106,10 +106,16 @@ class WindowedScreen:
             for index, choice in self.choices.items()
             if choice.pending.strip()
         }
-        # taken before the await: in async mode more text arrives while this window is judged
         for choice in self.choices.values():
             choice.released += choice.pending
             choice.pending = ""
+        return work
+
+    async def _judge_pending(self) -> tuple[int, Decision] | None:
+        """Judge the next window now; the first failing choice, or None."""
+        return await self._judge(self._window())
+
+    async def _judge(self, work: dict[int, str]) -> tuple[int, Decision] | None:
         if not work:
             return None
         self.windows += 1
@@ -174,9 +180,9 @@ class WindowedScreen:
                     tail.append(event.raw)
                 else:
                     yield event.raw
-                if self._window_full():
-                    checks.append(asyncio.create_task(self._judge_pending()))
-            checks.append(asyncio.create_task(self._judge_pending()))
+                if self._window_full():  # the window is taken now, not when its task first runs
+                    checks.append(asyncio.create_task(self._judge(self._window())))
+            checks.append(asyncio.create_task(self._judge(self._window())))
             for task in checks:
                 if failed := await task:
                     for out in self._cut(*failed):
