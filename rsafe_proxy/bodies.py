@@ -11,29 +11,30 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from rsafe_proxy.errors import InvalidRequest
 
-Kind = Literal["chat", "completion"]
+Kind = Literal["chat", "completion", "responses"]
 
 
-class _Open(BaseModel):
-    # Unknown fields are forwarded untouched; only what the proxy reads is checked.
+class Open(BaseModel):
+    """A request object: unknown fields are forwarded untouched; only what the proxy reads is checked."""
+
     model_config = ConfigDict(extra="allow", strict=True)
 
 
-class ContentPart(_Open):
+class ContentPart(Open):
     """One part of a multi-part message (text, image_url, input_audio, ...)."""
 
     type: str
     text: str | None = None
 
 
-class Message(_Open):
+class Message(Open):
     """A chat message."""
 
     role: str
     content: str | list[ContentPart] | None = None
 
 
-class ChatRequest(_Open):
+class ChatRequest(Open):
     """The fields of POST /v1/chat/completions that the proxy reads."""
 
     model: str
@@ -42,7 +43,7 @@ class ChatRequest(_Open):
     n: int | None = Field(default=None, ge=1, le=128)
 
 
-class CompletionRequest(_Open):
+class CompletionRequest(Open):
     """The fields of POST /v1/completions that the proxy reads."""
 
     model: str
@@ -65,9 +66,15 @@ def parse_json(raw: bytes) -> dict[str, Any]:
     return data
 
 
-def _invalid(error: pydantic.ValidationError) -> InvalidRequest:
+def _union_member(part: str | int) -> bool:
+    """pydantic names the member of a union it tried (`str`, `list[ContentPart]`); the API's fields are snake_case."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool") or "[" in part or part[:1].isupper())
+
+
+def invalid(error: pydantic.ValidationError) -> InvalidRequest:
+    """The first validation error as an OpenAI-style error naming its field."""
     first = error.errors()[0]
-    param = ".".join(str(part) for part in first["loc"])
+    param = ".".join(str(part) for part in first["loc"] if not _union_member(part))
     message = "missing" if first["type"] == "missing" else str(first["msg"]).lower()
     if first["type"] == "missing":
         return InvalidRequest(f"Missing required parameter: '{param}'.", param=param)
@@ -79,7 +86,7 @@ def validate_chat(body: dict[str, Any]) -> ChatRequest:
     try:
         return ChatRequest.model_validate(body)
     except pydantic.ValidationError as error:
-        raise _invalid(error) from None
+        raise invalid(error) from None
 
 
 def validate_completion(body: dict[str, Any]) -> CompletionRequest:
@@ -93,7 +100,7 @@ def validate_completion(body: dict[str, Any]) -> CompletionRequest:
                 "(token arrays cannot be screened).",
                 param="prompt",
             ) from None
-        raise _invalid(error) from None
+        raise invalid(error) from None
 
 
 def message_text(content: str | list[ContentPart] | None) -> str:

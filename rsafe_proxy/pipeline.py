@@ -15,6 +15,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Span, SpanKind
 
+from rsafe_proxy import responses_api
 from rsafe_proxy.bodies import (
     SCREENED_ROLES,
     ChatRequest,
@@ -35,9 +36,21 @@ from rsafe_proxy.guard.screen import Screener, Verdict
 from rsafe_proxy.policy.decide import Decision, Outcome, decide
 from rsafe_proxy.policy.schema import Policy
 from rsafe_proxy.policy.tenants import Tenant
+from rsafe_proxy.responses_api import ResponsesRequest
 from rsafe_proxy.streaming import WindowedScreen, sse_events
 from rsafe_proxy.telemetry import Recorder
 from rsafe_proxy.upstream import Upstream, forward_headers, returned_headers
+
+Request = ChatRequest | CompletionRequest | ResponsesRequest
+
+
+def _validated(kind: Kind, body: dict[str, Any]) -> tuple[Request, list[str], str]:
+    """The request checked for its kind, the texts the input screen judges, and the prompt an answer replies to."""
+    if kind == "responses":
+        request = responses_api.validate_responses(body)
+        return request, responses_api.request_turns(request), responses_api.request_prompt(request)
+    checked = validate_chat(body) if kind == "chat" else validate_completion(body)
+    return checked, user_turns(kind, checked), last_prompt(checked)
 
 
 @dataclass(frozen=True)
@@ -78,7 +91,7 @@ class _Screening:
     call: Call
     kind: Kind
     body: dict[str, Any]
-    request: ChatRequest | CompletionRequest
+    request: Request
     turns: list[str]
     prompt: str
     span: Span
@@ -198,9 +211,9 @@ class Pipeline:
     # -- screened routes ------------------------------------------------------------------------------------
 
     async def complete(self, call: Call, kind: Kind) -> Reply | StreamReply:
-        """POST /v1/chat/completions or /v1/completions, screened on both sides."""
+        """POST /v1/chat/completions, /v1/completions or /v1/responses, screened on both sides."""
         body = parse_json(call.body)
-        request: ChatRequest | CompletionRequest = validate_chat(body) if kind == "chat" else validate_completion(body)
+        request, turns, prompt = _validated(kind, body)
         span = self.recorder.tracer.start_span(
             "rsafe.request",
             kind=SpanKind.SERVER,
@@ -209,11 +222,11 @@ class Pipeline:
                 "rsafe.policy.id": call.policy.id,
                 "rsafe.policy.version": call.policy.version,
                 "gen_ai.request.model": request.model,
-                "gen_ai.operation.name": "chat" if kind == "chat" else "text_completion",
+                "gen_ai.operation.name": "text_completion" if kind == "completion" else "chat",
                 "http.route": call.path,
             },
         )
-        state = _Screening(call, kind, body, request, user_turns(kind, request), last_prompt(request), span)
+        state = _Screening(call, kind, body, request, turns, prompt, span)
         streamed = False
         try:
             reply = await self._complete(state, bool(request.stream))
@@ -279,6 +292,8 @@ class Pipeline:
         }
 
     def _rewritten(self, state: _Screening, judged: list[str], instruction: str) -> dict[str, Any]:
+        if isinstance(state.request, ResponsesRequest):
+            return responses_api.rewritten(state.body, state.request, set(judged), instruction)
         body = dict(state.body)
         if isinstance(state.request, CompletionRequest):
             body["prompt"] = instruction
@@ -296,10 +311,12 @@ class Pipeline:
         """Screen every choice of a non-streamed answer; replace the ones the policy stops."""
         try:
             answer = json.loads(raw)
-            choices = answer["choices"]
+            choices = answer["output" if state.kind == "responses" else "choices"]
             assert isinstance(choices, list)
         except (ValueError, KeyError, TypeError, AssertionError):
             raise UpstreamUnavailable("The upstream model sent an answer the proxy cannot read.") from None
+        if state.kind == "responses":
+            return await self._screen_response(state, answer, raw)
         prompt = state.prompt
         texts = [choice_text(state.kind, choice) if isinstance(choice, dict) else "" for choice in choices]
         results = await asyncio.gather(
@@ -317,6 +334,18 @@ class Pipeline:
                 choices[position] = replace_choice(state.kind, choices[position], decision.message)
                 changed = True
         return json.dumps(answer).encode() if changed else raw
+
+    async def _screen_response(self, state: _Screening, answer: dict[str, Any], raw: bytes) -> bytes:
+        """Screen a Responses API answer (one output, of several items); replace its output if stopped."""
+        text = responses_api.answer_text(answer)
+        if not text.strip():
+            return raw
+        _, decision = await self.screen(state, Side.OUTPUT, state.prompt, text)
+        if decision.outcome is Outcome.GUARD_ERROR_BLOCK:
+            raise GuardUnavailable(decision.message)
+        if decision.outcome.passes:
+            return raw
+        return json.dumps(responses_api.stopped(answer, decision.message)).encode()
 
     async def _stream(self, state: _Screening, response: httpx.Response) -> AsyncIterator[bytes]:
         prompt = state.prompt

@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from rsafe_proxy.errors import InvalidRequest, NotFound, ProxyError
+from rsafe_proxy.errors import NotFound, ProxyError
 from rsafe_proxy.pipeline import Call, Pipeline, Reply, StreamReply
 from rsafe_proxy.runtime import Runtime
 
@@ -83,10 +83,8 @@ async def completions(request: Request) -> Response:
 
 
 async def responses(request: Request) -> Response:
-    """POST /v1/responses: not screened yet, so refused rather than passed through unscreened."""
-    return error_response(
-        InvalidRequest("The Responses API is not screened by this proxy yet; use /v1/chat/completions.", param=None)
-    )
+    """POST /v1/responses: the instructions and input messages, then the output, screened."""
+    return await _serve(request, lambda pipeline, call: pipeline.complete(call, "responses"))
 
 
 async def passthrough(request: Request) -> Response:

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from rsafe_proxy import responses_api
 from rsafe_proxy.bodies import Kind, delta_text, final_chunk
 from rsafe_proxy.policy.decide import Decision
 from rsafe_proxy.policy.schema import StreamMode, StreamSettings
@@ -61,8 +62,26 @@ def _event(raw: bytes) -> Event:
 
 
 def encode(data: dict[str, Any]) -> bytes:
-    """One SSE data event."""
-    return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+    """One SSE data event (named by its `type`, as the Responses API names its events)."""
+    named = f"event: {data['type']}\n".encode() if isinstance(data.get("type"), str) else b""
+    return named + b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+
+
+def event_texts(kind: Kind, data: dict[str, Any]) -> list[tuple[int, str]]:
+    """(choice index, text) for the text a streamed event adds; the Responses API has one output (index 0)."""
+    if kind == "responses":
+        return [(0, responses_api.event_text(data))]
+    choices = [choice for choice in data.get("choices") or [] if isinstance(choice, dict)]
+    return [(int(choice.get("index") or 0), delta_text(kind, choice)) for choice in choices]
+
+
+def is_final(kind: Kind, data: dict[str, Any] | None) -> bool:
+    """Whether an event ends the answer (a finish_reason, or the Responses API's last event)."""
+    if data is None:
+        return False
+    if kind == "responses":
+        return data.get("type") in responses_api.FINAL_EVENTS
+    return any(isinstance(choice, dict) and choice.get("finish_reason") for choice in data.get("choices") or [])
 
 
 @dataclass
@@ -86,11 +105,11 @@ class WindowedScreen:
     def _take(self, event: Event) -> None:
         if event.data is None:
             return
-        self.template = self.template or event.data
-        for choice in event.data.get("choices") or []:
-            if isinstance(choice, dict):
-                index = int(choice.get("index") or 0)
-                self.choices.setdefault(index, _Choice()).pending += delta_text(self.kind, choice)
+        # the first chunk names the answer; a Responses API event with the response object, the latest one
+        if not self.template or (self.kind == "responses" and "response" in event.data):
+            self.template = event.data
+        for index, text in event_texts(self.kind, event.data):
+            self.choices.setdefault(index, _Choice()).pending += text
 
     def _window_full(self) -> bool:
         if self.settings.mode is StreamMode.BUFFER:
@@ -126,8 +145,13 @@ class WindowedScreen:
         return None
 
     def _cut(self, index: int, decision: Decision) -> list[bytes]:
-        message = decision.message
-        return [encode(final_chunk(self.kind, self.template, index, message)), DONE]
+        if self.kind == "responses":  # its streams end with their last event, not [DONE]
+            return [encode(event) for event in responses_api.stopped_events(self.template, decision.message)]
+        return [encode(final_chunk(self.kind, self.template, index, decision.message)), DONE]
+
+    @property
+    def _done(self) -> bytes:
+        return b"" if self.kind == "responses" else DONE
 
     async def run(self, events: AsyncIterator[Event]) -> AsyncIterator[bytes]:
         """The bytes to send to the client, in order, each only after its verdict (chunked/buffer)."""
@@ -155,7 +179,7 @@ class WindowedScreen:
             for out in self._cut(*failed):
                 yield out
             return
-        yield b"".join(self.held) + DONE
+        yield b"".join(self.held) + self._done
 
     async def _run_async(self, events: AsyncIterator[Event]) -> AsyncIterator[bytes]:
         """Release text at once; judge windows in the background; hold only the end of the stream."""
@@ -173,10 +197,7 @@ class WindowedScreen:
                             yield out
                         return
                 self._take(event)
-                finishing = any(
-                    isinstance(c, dict) and c.get("finish_reason") for c in (event.data or {}).get("choices") or []
-                )
-                if finishing:
+                if is_final(self.kind, event.data):
                     tail.append(event.raw)
                 else:
                     yield event.raw
@@ -188,7 +209,7 @@ class WindowedScreen:
                     for out in self._cut(*failed):
                         yield out
                     return
-            yield b"".join(tail) + DONE
+            yield b"".join(tail) + self._done
         finally:
             for task in checks:
                 task.cancel()

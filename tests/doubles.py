@@ -88,6 +88,7 @@ class FakeUpstream:
             routes=[
                 Route("/v1/chat/completions", self._chat, methods=["POST"]),
                 Route("/v1/completions", self._completions, methods=["POST"]),
+                Route("/v1/responses", self._responses, methods=["POST"]),
                 Route("/v1/models", self._models, methods=["GET"]),
                 Route("/v1/embeddings", self._embeddings, methods=["POST"]),
             ]
@@ -124,8 +125,11 @@ class FakeUpstream:
         text = self._text_for(prompt)
         model = str(body.get("model", "fake-model"))
         if body.get("stream") is True:
-            return StreamingResponse(self._stream(text, model, kind), media_type="text/event-stream")
+            events = self._response_events(text, model) if kind == "responses" else self._stream(text, model, kind)
+            return StreamingResponse(events, media_type="text/event-stream")
         self._finished()
+        if kind == "responses":
+            return JSONResponse(_response(model, "completed", [self._output_item(text)]))
         if kind == "chat":
             choice: dict[str, Any] = {
                 "index": 0,
@@ -190,6 +194,57 @@ class FakeUpstream:
             else:
                 self.aborted.set()
 
+    def _output_item(self, text: str) -> dict[str, Any]:
+        """A Responses API output item carrying `text`: a message, or a function call (`answer_as`)."""
+        if self.answer_as != "content":
+            return {"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "lookup", "arguments": text}
+        part = {"type": "output_text", "text": text, "annotations": []}
+        return {"type": "message", "id": "msg_1", "status": "completed", "role": "assistant", "content": [part]}
+
+    async def _response_events(self, text: str, model: str) -> AsyncIterator[bytes]:
+        """A Responses API stream: created, the item and its part, one delta per word, the dones, completed."""
+        item = self._output_item(text)
+        function = item["type"] == "function_call"
+        empty = {**item, "arguments": ""} if function else {**item, "status": "in_progress", "content": []}
+        delta_type = "response.function_call_arguments.delta" if function else "response.output_text.delta"
+        events: list[dict[str, Any]] = [
+            {"type": "response.created", "response": _response(model, "in_progress", [])},
+            {"type": "response.output_item.added", "output_index": 0, "item": empty},
+        ]
+        if not function:
+            part = {"type": "output_text", "text": "", "annotations": []}
+            events.append(
+                {
+                    "type": "response.content_part.added",
+                    "item_id": "msg_1",
+                    "output_index": 0,
+                    "content_index": 0,
+                    "part": part,
+                }
+            )
+        position = {"item_id": item["id"], "output_index": 0, "content_index": 0}
+        events += [{"type": delta_type, **position, "delta": word} for word in _words(text)]
+        events += [
+            {"type": "response.output_item.done", "output_index": 0, "item": item},
+            {"type": "response.completed", "response": _response(model, "completed", [item])},
+        ]
+        complete = False
+        try:
+            for number, event in enumerate(events):
+                if number > 1:
+                    await asyncio.sleep(self.token_delay_s)
+                data = json.dumps({**event, "sequence_number": number})
+                yield f"event: {event['type']}\ndata: {data}\n\n".encode()
+            complete = True
+        finally:
+            if complete:
+                self._finished()
+            else:
+                self.aborted.set()
+
+    async def _responses(self, request: Request) -> Response:
+        return await self._generate(request, await self._record(request), "responses")
+
     async def _chat(self, request: Request) -> Response:
         return await self._generate(request, await self._record(request), "chat")
 
@@ -218,7 +273,27 @@ def _envelope(obj: str, model: str, choice: dict[str, Any]) -> dict[str, Any]:
     return {"id": "cmpl-fake", "object": obj, "created": 1_700_000_000, "model": model, "choices": [choice]}
 
 
+def _response(model: str, status: str, output: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "id": "resp_fake",
+        "object": "response",
+        "created_at": 1_700_000_000,
+        "status": status,
+        "model": model,
+        "output": output,
+        "incomplete_details": None,
+        "error": None,
+        "parallel_tool_calls": True,
+        "tool_choice": "auto",
+        "tools": [],
+    }
+
+
 def _last_prompt(body: Any, kind: str) -> str:
+    if kind == "responses":
+        given = body.get("input", "")
+        body = {"messages": [{"role": "user", "content": given}] if isinstance(given, str) else given}
+        kind = "chat"
     if kind == "completion":
         prompt = body.get("prompt", "")
         return str(prompt[-1] if isinstance(prompt, list) and prompt else prompt)
