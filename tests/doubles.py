@@ -160,32 +160,33 @@ class FakeUpstream:
             data = payload if isinstance(payload, str) else json.dumps(payload)
             return b"data: " + data.encode() + end
 
-        async def send(raw: bytes) -> AsyncIterator[bytes]:
-            if self.crlf:  # the last "\r\n" split across two writes, as a TCP read may split it
-                yield raw[:-1]
-                await asyncio.sleep(0.002)
-                yield raw[-1:]
-            else:
-                yield raw
-
         def piece(word: str, finish: str | None, first: bool = False) -> dict[str, Any]:
             if kind == "chat":
                 delta = self._delta(word, first) if word else {}
                 return {"index": 0, "delta": delta, "finish_reason": finish}
             return {"index": 0, "text": word, "finish_reason": finish, "logprobs": None}
 
+        events: list[dict[str, Any] | str] = []
+        if kind == "chat":
+            role = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+            events.append(_envelope(obj, model, role))
+        events += [_envelope(obj, model, piece(word, None, n == 0)) for n, word in enumerate(_words(text))]
+        events += [_envelope(obj, model, piece("", "stop")), "[DONE]"]
+        async for raw in self._paced([event(payload) for payload in events]):
+            yield raw
+
+    async def _paced(self, events: list[bytes]) -> AsyncIterator[bytes]:
+        """Send the events `token_delay_s` apart (after the first two); note whether the client took them all."""
         complete = False
         try:
-            events: list[dict[str, Any] | str] = []
-            if kind == "chat":
-                role = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-                events.append(_envelope(obj, model, role))
-            events += [_envelope(obj, model, piece(word, None, n == 0)) for n, word in enumerate(_words(text))]
-            events += [_envelope(obj, model, piece("", "stop")), "[DONE]"]
-            for position, payload in enumerate(events):
+            for position, raw in enumerate(events):
                 if position > 1:
                     await asyncio.sleep(self.token_delay_s)
-                async for raw in send(event(payload)):
+                if self.crlf:  # the last "\r\n" split across two writes, as a TCP read may split it
+                    yield raw[:-1]
+                    await asyncio.sleep(0.002)
+                    yield raw[-1:]
+                else:
                     yield raw
             complete = True
         finally:
@@ -228,19 +229,13 @@ class FakeUpstream:
             {"type": "response.output_item.done", "output_index": 0, "item": item},
             {"type": "response.completed", "response": _response(model, "completed", [item])},
         ]
-        complete = False
-        try:
-            for number, event in enumerate(events):
-                if number > 1:
-                    await asyncio.sleep(self.token_delay_s)
-                data = json.dumps({**event, "sequence_number": number})
-                yield f"event: {event['type']}\ndata: {data}\n\n".encode()
-            complete = True
-        finally:
-            if complete:
-                self._finished()
-            else:
-                self.aborted.set()
+        end = "\r\n\r\n" if self.crlf else "\n\n"
+        raws = [
+            f"event: {event['type']}\ndata: {json.dumps({**event, 'sequence_number': number})}{end}".encode()
+            for number, event in enumerate(events)
+        ]
+        async for raw in self._paced(raws):
+            yield raw
 
     async def _responses(self, request: Request) -> Response:
         return await self._generate(request, await self._record(request), "responses")
