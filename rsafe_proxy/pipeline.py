@@ -91,7 +91,7 @@ class _Screening:
     call: Call
     kind: Kind
     body: dict[str, Any]
-    request: Request
+    request: Request | None  # None for a GET of stored answers
     turns: list[str]
     prompt: str
     span: Span
@@ -101,6 +101,21 @@ class _Screening:
     @property
     def context(self) -> Context:
         return trace.set_span_in_context(self.span)
+
+
+def json_or_none(raw: bytes) -> Any:
+    """The JSON value of `raw`, or None where it is not JSON."""
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
+
+
+def _answer(value: Any, kind: Kind) -> dict[str, Any]:
+    """A generated answer the proxy can screen (its choices, or its output, a list), else UpstreamUnavailable."""
+    if not isinstance(value, dict) or not isinstance(value.get("output" if kind == "responses" else "choices"), list):
+        raise UpstreamUnavailable("The upstream model sent an answer the proxy cannot read.")
+    return value
 
 
 async def _discard(task: asyncio.Task[httpx.Response] | None) -> None:
@@ -295,7 +310,7 @@ class Pipeline:
         if isinstance(state.request, ResponsesRequest):
             return responses_api.rewritten(state.body, state.request, set(judged), instruction)
         body = dict(state.body)
-        if isinstance(state.request, CompletionRequest):
+        if not isinstance(state.request, ChatRequest):
             body["prompt"] = instruction
             return body
         flagged = set(judged)
@@ -307,45 +322,67 @@ class Pipeline:
         ]
         return body
 
-    async def _screen_answer(self, state: _Screening, raw: bytes) -> bytes:
-        """Screen every choice of a non-streamed answer; replace the ones the policy stops."""
+    async def retrieve(self, call: Call, kind: Kind) -> Reply | StreamReply:
+        """GET of stored answers (a response, a chat completion, a list of them): their output is screened as
+        it was when made, so what the policy stopped then cannot be fetched later. The prompt they answered is
+        not in the request: the guard judges the output alone."""
+        attributes = {"rsafe.tenant": call.tenant.id, "rsafe.policy.id": call.policy.id, "http.route": call.path}
+        span = self.recorder.tracer.start_span("rsafe.request", kind=SpanKind.SERVER, attributes=attributes)
+        state = _Screening(call, kind, {}, None, [], "", span)
+        streamed = False
         try:
-            answer = json.loads(raw)
-            choices = answer["output" if state.kind == "responses" else "choices"]
-            assert isinstance(choices, list)
-        except (ValueError, KeyError, TypeError, AssertionError):
-            raise UpstreamUnavailable("The upstream model sent an answer the proxy cannot read.") from None
-        if state.kind == "responses":
-            return await self._screen_response(state, answer, raw)
-        prompt = state.prompt
-        texts = [choice_text(state.kind, choice) if isinstance(choice, dict) else "" for choice in choices]
-        results = await asyncio.gather(
-            *(self.screen(state, Side.OUTPUT, prompt, text) for text in texts if text.strip())
-        )
-        decisions = iter(decision for _, decision in results)
-        changed = False
-        for position, text in enumerate(texts):
+            response = await self._open(state, call, None)
+            headers = returned_headers(response.headers)
+            if response.status_code != 200:
+                return Reply(response.status_code, await Upstream.read(response), headers)
+            if response.headers.get("content-type", "").startswith("text/event-stream"):  # a resumed stream
+                streamed = True
+                return StreamReply(200, headers, self._stream(state, response))
+            raw = await Upstream.read(response)
+            value = json_or_none(raw)
+            if isinstance(value, dict) and value.get("object") == "list" and isinstance(value.get("data"), list):
+                items = [_answer(item, kind) for item in value["data"]]
+                screened = list(await asyncio.gather(*(self._screened(state, kind, item) for item in items)))
+                changed = any(new is not old for new, old in zip(screened, items, strict=True))
+                return Reply(200, json.dumps({**value, "data": screened}).encode() if changed else raw, headers)
+            answer = _answer(value, kind)
+            screened_one = await self._screened(state, kind, answer)
+            return Reply(200, raw if screened_one is answer else json.dumps(screened_one).encode(), headers)
+        except Exception as error:
+            span.record_exception(error)
+            raise
+        finally:
+            if not streamed:
+                span.end()
+
+    async def _screen_answer(self, state: _Screening, raw: bytes) -> bytes:
+        """Screen a non-streamed answer; what the policy stops is replaced (the bytes are kept when nothing is)."""
+        answer = _answer(json_or_none(raw), state.kind)
+        screened = await self._screened(state, state.kind, answer)
+        return raw if screened is answer else json.dumps(screened).encode()
+
+    async def _screened(self, state: _Screening, kind: Kind, answer: dict[str, Any]) -> dict[str, Any]:
+        """`answer` with the choices (or the output) the policy stops replaced; the same object if none is."""
+        if kind == "responses":
+            text = responses_api.answer_text(answer)
             if not text.strip():
-                continue
-            decision = next(decisions)
+                return answer
+            decision = (await self.screen(state, Side.OUTPUT, state.prompt, text))[1]
+            if decision.outcome is Outcome.GUARD_ERROR_BLOCK:
+                raise GuardUnavailable(decision.message)
+            return answer if decision.outcome.passes else responses_api.stopped(answer, decision.message)
+        choices = list(answer["choices"])
+        texts = [choice_text(kind, choice) if isinstance(choice, dict) else "" for choice in choices]
+        judged = [position for position, text in enumerate(texts) if text.strip()]
+        results = await asyncio.gather(*(self.screen(state, Side.OUTPUT, state.prompt, texts[i]) for i in judged))
+        stopped = False
+        for position, (_, decision) in zip(judged, results, strict=True):
             if decision.outcome is Outcome.GUARD_ERROR_BLOCK:
                 raise GuardUnavailable(decision.message)
             if not decision.outcome.passes:
-                choices[position] = replace_choice(state.kind, choices[position], decision.message)
-                changed = True
-        return json.dumps(answer).encode() if changed else raw
-
-    async def _screen_response(self, state: _Screening, answer: dict[str, Any], raw: bytes) -> bytes:
-        """Screen a Responses API answer (one output, of several items); replace its output if stopped."""
-        text = responses_api.answer_text(answer)
-        if not text.strip():
-            return raw
-        _, decision = await self.screen(state, Side.OUTPUT, state.prompt, text)
-        if decision.outcome is Outcome.GUARD_ERROR_BLOCK:
-            raise GuardUnavailable(decision.message)
-        if decision.outcome.passes:
-            return raw
-        return json.dumps(responses_api.stopped(answer, decision.message)).encode()
+                choices[position] = replace_choice(kind, choices[position], decision.message)
+                stopped = True
+        return {**answer, "choices": choices} if stopped else answer
 
     async def _stream(self, state: _Screening, response: httpx.Response) -> AsyncIterator[bytes]:
         prompt = state.prompt

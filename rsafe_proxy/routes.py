@@ -87,8 +87,18 @@ async def responses(request: Request) -> Response:
     return await _serve(request, lambda pipeline, call: pipeline.complete(call, "responses"))
 
 
+async def stored_response(request: Request) -> Response:
+    """GET /v1/responses/{id}: a stored response, its output screened again."""
+    return await _serve(request, lambda pipeline, call: pipeline.retrieve(call, "responses"))
+
+
+async def stored_chat_completions(request: Request) -> Response:
+    """GET /v1/chat/completions[/{id}]: stored chat completions, their choices screened again."""
+    return await _serve(request, lambda pipeline, call: pipeline.retrieve(call, "chat"))
+
+
 async def passthrough(request: Request) -> Response:
-    """Every other /v1/* route: forwarded unscreened (no generated text passes through it)."""
+    """Every other /v1/* route: forwarded unscreened (models, embeddings, files, deletions; DESIGN §3)."""
     return await _serve(request, lambda pipeline, call: pipeline.forward(call))
 
 
@@ -130,6 +140,10 @@ ROUTES = [
     Route("/v1/chat/completions", chat_completions, methods=["POST"]),
     Route("/v1/completions", completions, methods=["POST"]),
     Route("/v1/responses", responses, methods=["POST"]),
+    # stored answers: a blocked answer is stored upstream as it was generated, and its id was returned
+    Route("/v1/responses/{response_id}", stored_response, methods=["GET"]),
+    Route("/v1/chat/completions", stored_chat_completions, methods=["GET"]),
+    Route("/v1/chat/completions/{completion_id}", stored_chat_completions, methods=["GET"]),
     Route("/v1/{rest:path}", passthrough, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
     Route("/{rest:path}", not_found, methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"]),
 ]

@@ -72,6 +72,7 @@ class FakeUpstream:
     crlf: bool = False
     answer_as: Literal["content", "tool_call", "function_call"] = "content"
     requests: list[Received] = field(default_factory=list)
+    stored: dict[str, dict[str, Any]] = field(default_factory=dict)  # non-streamed answers by id, as OpenAI stores
     aborted: threading.Event = field(default_factory=threading.Event)
     completed: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -89,6 +90,9 @@ class FakeUpstream:
                 Route("/v1/chat/completions", self._chat, methods=["POST"]),
                 Route("/v1/completions", self._completions, methods=["POST"]),
                 Route("/v1/responses", self._responses, methods=["POST"]),
+                Route("/v1/responses/{id}", self._stored, methods=["GET", "DELETE"]),
+                Route("/v1/chat/completions/{id}", self._stored, methods=["GET"]),
+                Route("/v1/chat/completions", self._stored_list, methods=["GET"]),
                 Route("/v1/models", self._models, methods=["GET"]),
                 Route("/v1/embeddings", self._embeddings, methods=["POST"]),
             ]
@@ -129,14 +133,15 @@ class FakeUpstream:
             return StreamingResponse(events, media_type="text/event-stream")
         self._finished()
         if kind == "responses":
-            return JSONResponse(_response(model, "completed", [self._output_item(text)]))
+            return JSONResponse(self._store(_response(model, "completed", [self._output_item(text)])))
         if kind == "chat":
             choice: dict[str, Any] = {
                 "index": 0,
                 "message": {"role": "assistant", **self._delta(text, first=True)},
                 "finish_reason": "stop",
             }
-            return JSONResponse(_envelope("chat.completion", model, choice), headers={"x-request-id": "req-upstream"})
+            answer = self._store(_envelope("chat.completion", model, choice))
+            return JSONResponse(answer, headers={"x-request-id": "req-upstream"})
         choice = {"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}
         return JSONResponse(_envelope("text_completion", model, choice), headers={"x-request-id": "req-upstream"})
 
@@ -236,6 +241,25 @@ class FakeUpstream:
         ]
         async for raw in self._paced(raws):
             yield raw
+
+    def _store(self, answer: dict[str, Any]) -> dict[str, Any]:
+        with self._lock:
+            self.stored[str(answer["id"])] = answer
+        return answer
+
+    async def _stored(self, request: Request) -> Response:
+        await self._record(request)
+        answer = self.stored.get(request.path_params["id"])
+        if answer is None:
+            return JSONResponse({"error": {"message": "No such object", "type": "invalid_request_error"}}, 404)
+        if request.method == "DELETE":
+            return JSONResponse({"id": answer["id"], "object": "response", "deleted": True})
+        return JSONResponse(answer)
+
+    async def _stored_list(self, request: Request) -> Response:
+        await self._record(request)
+        chats = [answer for answer in self.stored.values() if answer.get("object") == "chat.completion"]
+        return JSONResponse({"object": "list", "data": chats, "has_more": False})
 
     async def _responses(self, request: Request) -> Response:
         return await self._generate(request, await self._record(request), "responses")
