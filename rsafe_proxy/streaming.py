@@ -130,11 +130,8 @@ class WindowedScreen:
             choice.pending = ""
         return work
 
-    async def _judge_pending(self) -> tuple[int, Decision] | None:
-        """Judge the next window now; the first failing choice, or None."""
-        return await self._judge(self._window())
-
     async def _judge(self, work: dict[int, str]) -> tuple[int, Decision] | None:
+        """Judge a window (see _window); the first failing choice, or None."""
         if not work:
             return None
         self.windows += 1
@@ -167,14 +164,14 @@ class WindowedScreen:
             self.held.append(event.raw)
             self._take(event)
             if self._window_full():
-                failed = await self._judge_pending()
+                failed = await self._judge(self._window())
                 if failed:
                     for out in self._cut(*failed):
                         yield out
                     return
                 yield b"".join(self.held)
                 self.held.clear()
-        failed = await self._judge_pending()
+        failed = await self._judge(self._window())
         if failed:
             for out in self._cut(*failed):
                 yield out
