@@ -103,7 +103,7 @@ class _Screening:
         return trace.set_span_in_context(self.span)
 
 
-def json_or_none(raw: bytes) -> Any:
+def _json(raw: bytes) -> Any:
     """The JSON value of `raw`, or None where it is not JSON."""
     try:
         return json.loads(raw)
@@ -339,14 +339,14 @@ class Pipeline:
                 streamed = True
                 return StreamReply(200, headers, self._stream(state, response))
             raw = await Upstream.read(response)
-            value = json_or_none(raw)
+            value = _json(raw)
             if isinstance(value, dict) and value.get("object") == "list" and isinstance(value.get("data"), list):
                 items = [_answer(item, kind) for item in value["data"]]
-                screened = list(await asyncio.gather(*(self._screened(state, kind, item) for item in items)))
+                screened = list(await asyncio.gather(*(self._screened(state, item) for item in items)))
                 changed = any(new is not old for new, old in zip(screened, items, strict=True))
                 return Reply(200, json.dumps({**value, "data": screened}).encode() if changed else raw, headers)
             answer = _answer(value, kind)
-            screened_one = await self._screened(state, kind, answer)
+            screened_one = await self._screened(state, answer)
             return Reply(200, raw if screened_one is answer else json.dumps(screened_one).encode(), headers)
         except Exception as error:
             span.record_exception(error)
@@ -357,12 +357,13 @@ class Pipeline:
 
     async def _screen_answer(self, state: _Screening, raw: bytes) -> bytes:
         """Screen a non-streamed answer; what the policy stops is replaced (the bytes are kept when nothing is)."""
-        answer = _answer(json_or_none(raw), state.kind)
-        screened = await self._screened(state, state.kind, answer)
+        answer = _answer(_json(raw), state.kind)
+        screened = await self._screened(state, answer)
         return raw if screened is answer else json.dumps(screened).encode()
 
-    async def _screened(self, state: _Screening, kind: Kind, answer: dict[str, Any]) -> dict[str, Any]:
+    async def _screened(self, state: _Screening, answer: dict[str, Any]) -> dict[str, Any]:
         """`answer` with the choices (or the output) the policy stops replaced; the same object if none is."""
+        kind = state.kind
         if kind == "responses":
             text = responses_api.answer_text(answer)
             if not text.strip():
