@@ -15,7 +15,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Span, SpanKind
 
-from rsafe_proxy import responses_api
+from rsafe_proxy import litellm_api, responses_api
 from rsafe_proxy.bodies import (
     SCREENED_ROLES,
     ChatRequest,
@@ -354,6 +354,26 @@ class Pipeline:
         finally:
             if not streamed:
                 span.end()
+
+    async def guardrail(self, call: Call) -> Reply:
+        """LiteLLM's Generic Guardrail API: the texts LiteLLM sends, judged under the tenant's policy (input
+        side for `request`, output side for `response`), answered with LiteLLM's action."""
+        body = parse_json(call.body)
+        request = litellm_api.validate_guardrail(body)
+        attributes = {"rsafe.tenant": call.tenant.id, "rsafe.policy.id": call.policy.id, "http.route": call.path}
+        span = self.recorder.tracer.start_span("rsafe.request", kind=SpanKind.SERVER, attributes=attributes)
+        state = _Screening(call, "chat", body, None, litellm_api.input_turns(request), "", span)
+        try:
+            judged: list[str] = []
+            decision = Decision(Outcome.ALLOW, Side.INPUT)
+            if request.input_type == "request":
+                _, decision, judged = await self.screen_input(state)
+            elif (text := litellm_api.output_text(request)).strip():
+                _, decision = await self.screen(state, Side.OUTPUT, "", text)
+            answer = litellm_api.answer(decision, request, judged)
+            return Reply(200, json.dumps(answer).encode(), {"content-type": "application/json"})
+        finally:
+            span.end()
 
     async def _screen_answer(self, state: _Screening, raw: bytes) -> bytes:
         """Screen a non-streamed answer; what the policy stops is replaced (the bytes are kept when nothing is)."""

@@ -11,6 +11,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from rsafe_proxy import litellm_api
 from rsafe_proxy.errors import NotFound, ProxyError
 from rsafe_proxy.pipeline import Call, Pipeline, Reply, StreamReply
 from rsafe_proxy.runtime import Runtime
@@ -28,7 +29,10 @@ def _runtime(request: Request) -> Runtime:
 
 async def _call(request: Request) -> Call:
     runtime = _runtime(request)
-    tenant = runtime.tenants.resolve(request.headers.get("authorization"))
+    authorization = request.headers.get("authorization")
+    if authorization is None and request.url.path == litellm_api.PATH and (key := request.headers.get("x-api-key")):
+        authorization = f"Bearer {key}"  # LiteLLM sends a guardrail's api_key so; nothing here goes upstream
+    tenant = runtime.tenants.resolve(authorization)
     body = await request.body()
     return Call(
         method=request.method,
@@ -97,6 +101,11 @@ async def stored_chat_completions(request: Request) -> Response:
     return await _serve(request, lambda pipeline, call: pipeline.retrieve(call, "chat"))
 
 
+async def litellm_guardrail(request: Request) -> Response:
+    """POST /beta/litellm_basic_guardrail_api: LiteLLM's Generic Guardrail API."""
+    return await _serve(request, lambda pipeline, call: pipeline.guardrail(call))
+
+
 async def passthrough(request: Request) -> Response:
     """Every other /v1/* route: forwarded unscreened (models, embeddings, files, deletions; DESIGN §3)."""
     return await _serve(request, lambda pipeline, call: pipeline.forward(call))
@@ -144,6 +153,7 @@ ROUTES = [
     Route("/v1/responses/{response_id}", stored_response, methods=["GET"]),
     Route("/v1/chat/completions", stored_chat_completions, methods=["GET"]),
     Route("/v1/chat/completions/{completion_id}", stored_chat_completions, methods=["GET"]),
+    Route(litellm_api.PATH, litellm_guardrail, methods=["POST"]),
     Route("/v1/{rest:path}", passthrough, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
     Route("/{rest:path}", not_found, methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"]),
 ]
