@@ -8,9 +8,11 @@ skipped with the reason when there is none.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -114,29 +116,16 @@ def test_a_malformed_call_is_a_clear_400(proxy: Proxy, body: dict[str, Any], par
 # -- the real LiteLLM proxy -------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def litellm(proxy: Proxy, upstream: FakeUpstream, tmp_path: Path) -> Iterator[str]:
-    """LiteLLM's proxy with RSafe as its pre- and post-call guardrail, in front of the fake upstream."""
+@contextmanager
+def running_litellm(upstream: FakeUpstream, guardrail: dict[str, Any], tmp_path: Path) -> Iterator[str]:
+    """LiteLLM's proxy with `guardrail` on every call (pre- and post-call), in front of the fake upstream."""
     if not Path(LITELLM).is_file():
         pytest.skip(f"no litellm executable at {LITELLM}: set RSAFE_LITELLM or run .ci/litellm")
+    model = {"model": "openai/fake-model", "api_base": f"{upstream.url}/v1", "api_key": "sk-x"}
+    settings = {"mode": ["pre_call", "post_call"], "default_on": True, **guardrail}
     config = {
-        "model_list": [
-            {
-                "model_name": "fake-model",
-                "litellm_params": {"model": "openai/fake-model", "api_base": f"{upstream.url}/v1", "api_key": "sk-x"},
-            }
-        ],
-        "guardrails": [
-            {
-                "guardrail_name": "rsafe",
-                "litellm_params": {
-                    "guardrail": "generic_guardrail_api",
-                    "mode": ["pre_call", "post_call"],
-                    "api_base": proxy.url,
-                    "default_on": True,
-                },
-            }
-        ],
+        "model_list": [{"model_name": "fake-model", "litellm_params": model}],
+        "guardrails": [{"guardrail_name": "rsafe", "litellm_params": settings}],
     }
     path = tmp_path / "litellm.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
@@ -166,6 +155,22 @@ def litellm(proxy: Proxy, upstream: FakeUpstream, tmp_path: Path) -> Iterator[st
         except subprocess.TimeoutExpired:
             process.kill()
         log.close()
+
+
+@pytest.fixture
+def litellm(proxy: Proxy, upstream: FakeUpstream, tmp_path: Path) -> Iterator[str]:
+    """RSafe as LiteLLM's generic_guardrail_api (no code)."""
+    with running_litellm(upstream, {"guardrail": "generic_guardrail_api", "api_base": proxy.url}, tmp_path) as url:
+        yield url
+
+
+@pytest.fixture
+def litellm_python(proxy: Proxy, upstream: FakeUpstream, tmp_path: Path) -> Iterator[str]:
+    """RSafe as LiteLLM's Python guardrail (adapters/litellm/rsafe_guardrail.py next to the config)."""
+    shutil.copy(ROOT / "adapters" / "litellm" / "rsafe_guardrail.py", tmp_path / "rsafe_guardrail.py")
+    guardrail = {"guardrail": "rsafe_guardrail.RSafeGuardrail", "api_base": proxy.url}
+    with running_litellm(upstream, guardrail, tmp_path) as url:
+        yield url
 
 
 def client(url: str) -> openai.OpenAI:
@@ -211,3 +216,51 @@ def test_litellm_keeps_an_unsafe_streamed_answer_from_its_client(litellm: str) -
     # LiteLLM asks every few chunks: what it released before the violation stays, then the policy's message
     assert UNSAFE not in text
     assert text.endswith(BLOCKED_OUTPUT)
+
+
+# -- the Python guardrail (adapters/litellm/): the proxy's own contract inside LiteLLM ----------------------------
+
+
+def test_python_guardrail_passes_a_safe_request(litellm_python: str, guard: ScriptedGuard) -> None:
+    answer = client(litellm_python).chat.completions.create(
+        model="fake-model", messages=[{"role": "user", "content": "hello"}]
+    )
+    assert answer.choices[0].message.content == "Echo: hello"
+    assert guard.judged("input") == ["hello"] and guard.judged("output") == ["Echo: hello"]
+
+
+def test_python_guardrail_blocks_a_prompt_with_a_content_filter_400(
+    litellm_python: str, upstream: FakeUpstream
+) -> None:
+    with pytest.raises(openai.BadRequestError) as blocked:
+        client(litellm_python).chat.completions.create(
+            model="fake-model", messages=[{"role": "user", "content": UNSAFE}]
+        )
+    assert BLOCKED_INPUT in str(blocked.value)
+    assert "content_filter" in blocked.value.response.text
+    assert upstream.calls("/v1/chat/completions") == []
+
+
+def test_python_guardrail_replaces_an_unsafe_answer(litellm_python: str) -> None:
+    raw = client(litellm_python).chat.completions.with_raw_response.create(
+        model="fake-model", messages=[{"role": "user", "content": f"{ASK_UNSAFE_ANSWER} now"}]
+    )
+    answer = raw.parse()
+    assert answer.choices[0].message.content == BLOCKED_OUTPUT
+    assert answer.choices[0].finish_reason == "content_filter"
+    assert UNSAFE not in raw.http_response.text
+
+
+@pytest.mark.parametrize("unsafe", [False, True])
+def test_python_guardrail_holds_a_stream_until_its_verdict(litellm_python: str, unsafe: bool) -> None:
+    prompt = f"{ASK_UNSAFE_ANSWER} now" if unsafe else "hello"
+    with client(litellm_python).chat.completions.create(
+        model="fake-model", messages=[{"role": "user", "content": prompt}], stream=True
+    ) as stream:
+        chunks = list(stream)
+    text = "".join(choice.delta.content or "" for chunk in chunks for choice in chunk.choices)
+    finish = [choice.finish_reason for chunk in chunks for choice in chunk.choices if choice.finish_reason]
+    if unsafe:  # the answer is shorter than one window: nothing of it was released
+        assert (text, finish) == (BLOCKED_OUTPUT, ["content_filter"])
+    else:
+        assert text == "Echo: hello"
