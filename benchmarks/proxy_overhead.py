@@ -2,7 +2,8 @@
 
 Each server is its own process on loopback: a fake upstream (first byte after UPSTREAM_DELAY_S), a scripted
 guard (GUARD_DELAY_S per verdict), RSafe Proxy (`rsafe-proxy serve`, guard = the scripted one), and, when a
-LiteLLM venv is given, LiteLLM's proxy in front of the same upstream (no guardrail). The client sends
+LiteLLM venv is given, LiteLLM's proxy in front of the same upstream, once with no guardrail and once with RSafe
+Proxy as its guardrail (LiteLLM's generic_guardrail_api: prompt before the upstream, answer after). The client sends
 non-streamed chat completions at several concurrencies and reports latency and throughput, and the ratios
 to the direct upstream.
 
@@ -101,7 +102,7 @@ def main() -> None:
     args = parser.parse_args()
 
     work = tempfile.mkdtemp(prefix="rsafe-bench-")
-    up, guard, proxy, lite = free_port(), free_port(), free_port(), free_port()
+    up, guard, proxy, lite, guarded = free_port(), free_port(), free_port(), free_port(), free_port()
     python = sys.executable
     env = dict(os.environ)
     env.update(
@@ -129,10 +130,12 @@ def main() -> None:
             work,
         ),
         litellm(args.litellm, lite, up, work),
+        litellm(args.litellm, guarded, up, work, guardrail=f"http://127.0.0.1:{proxy}"),
     ):
         targets.append(("RSafe Proxy (in+out screens)", f"http://127.0.0.1:{proxy}/v1/chat/completions"))
         if args.litellm:
             targets.insert(1, ("LiteLLM proxy (no guard)", f"http://127.0.0.1:{lite}/v1/chat/completions"))
+            targets.append(("LiteLLM + RSafe guardrail", f"http://127.0.0.1:{guarded}/v1/chat/completions"))
         print(
             f"upstream first byte {UPSTREAM_DELAY_S * 1000:.0f} ms, guard {GUARD_DELAY_S * 1000:.0f} ms per verdict, "
             f"{args.requests} requests per cell; ratios are latency p50 / throughput against the direct upstream"
@@ -150,15 +153,23 @@ def main() -> None:
 
 
 @contextmanager
-def litellm(executable: str | None, port: int, upstream: int, work: str) -> Iterator[None]:
+def litellm(
+    executable: str | None, port: int, upstream: int, work: str, guardrail: str | None = None
+) -> Iterator[None]:
     if not executable:
         yield
         return
-    config = Path(work) / "litellm.yaml"
-    config.write_text(
+    config = Path(work) / f"litellm-{port}.yaml"
+    text = (
         "model_list:\n  - model_name: fake-model\n    litellm_params:\n      model: openai/fake-model\n"
         f"      api_base: http://127.0.0.1:{upstream}/v1\n      api_key: sk-bench\n"
     )
+    if guardrail:
+        text += (
+            "guardrails:\n  - guardrail_name: rsafe\n    litellm_params:\n      guardrail: generic_guardrail_api\n"
+            f"      mode: [pre_call, post_call]\n      default_on: true\n      api_base: {guardrail}\n"
+        )
+    config.write_text(text)
     env = dict(os.environ, LITELLM_LOCAL_MODEL_COST_MAP="True", LITELLM_MASTER_KEY="sk-bench")
     command = [os.path.abspath(executable), "--config", str(config), "--port", str(port), "--num_workers", "1"]
     with process(command, f"http://127.0.0.1:{port}/health/liveliness", env, work):
