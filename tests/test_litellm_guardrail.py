@@ -1,12 +1,13 @@
 """LiteLLM's Generic Guardrail API served by the proxy: the contract as LiteLLM 1.108.7 calls it, then the real
 LiteLLM proxy using RSafe as its guardrail in front of a fake upstream, through the OpenAI SDK.
 
-The LiteLLM cases need a `litellm` executable (its own venv: `.ci/litellm` makes `.venv-litellm`); they are
+The LiteLLM cases need a `litellm` executable (its own venv: `.ci/run` makes `.venv-litellm`); they are
 skipped with the reason when there is none.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -93,8 +94,6 @@ def test_a_guard_that_is_down_blocks_by_default(make_proxy: MakeProxy) -> None:
 
 
 def test_the_tenant_comes_from_litellms_api_key_header(make_proxy: MakeProxy, tmp_path: Path) -> None:
-    import hashlib
-
     policy = write_policy(tmp_path, "keyed", messages={"block": {"input": "KEYED-BLOCK", "output": "KEYED-OUT"}})
     digest = "sha256:" + hashlib.sha256(KEY.encode()).hexdigest()
     proxy = make_proxy(tenants=[{"id": "keyed", "keys": [digest], "policy": str(policy)}])
@@ -120,7 +119,7 @@ def test_a_malformed_call_is_a_clear_400(proxy: Proxy, body: dict[str, Any], par
 def running_litellm(upstream: FakeUpstream, guardrail: dict[str, Any], tmp_path: Path) -> Iterator[str]:
     """LiteLLM's proxy with `guardrail` on every call (pre- and post-call), in front of the fake upstream."""
     if not Path(LITELLM).is_file():
-        pytest.skip(f"no litellm executable at {LITELLM}: set RSAFE_LITELLM or run .ci/litellm")
+        pytest.skip(f"no litellm executable at {LITELLM}: set RSAFE_LITELLM, or make .venv-litellm as .ci/run does")
     model = {"model": "openai/fake-model", "api_base": f"{upstream.url}/v1", "api_key": "sk-x"}
     settings = {"mode": ["pre_call", "post_call"], "default_on": True, **guardrail}
     config = {
