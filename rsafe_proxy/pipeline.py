@@ -225,20 +225,28 @@ class Pipeline:
 
     # -- screened routes ------------------------------------------------------------------------------------
 
+    def _request_span(self, call: Call, attributes: Mapping[str, str] | None = None) -> Span:
+        """The server span of one screened request: tenant, policy and route, and `attributes`."""
+        policy = call.policy
+        common = {
+            "rsafe.tenant": call.tenant.id,
+            "rsafe.policy.id": policy.id,
+            "rsafe.policy.version": policy.version,
+            "http.route": call.path,
+        }
+        return self.recorder.tracer.start_span(
+            "rsafe.request", kind=SpanKind.SERVER, attributes={**common, **(attributes or {})}
+        )
+
     async def complete(self, call: Call, kind: Kind) -> Reply | StreamReply:
         """POST /v1/chat/completions, /v1/completions or /v1/responses, screened on both sides."""
         body = parse_json(call.body)
         request, turns, prompt = _validated(kind, body)
-        span = self.recorder.tracer.start_span(
-            "rsafe.request",
-            kind=SpanKind.SERVER,
-            attributes={
-                "rsafe.tenant": call.tenant.id,
-                "rsafe.policy.id": call.policy.id,
-                "rsafe.policy.version": call.policy.version,
+        span = self._request_span(
+            call,
+            {
                 "gen_ai.request.model": request.model,
                 "gen_ai.operation.name": "text_completion" if kind == "completion" else "chat",
-                "http.route": call.path,
             },
         )
         state = _Screening(call, kind, body, request, turns, prompt, span)
@@ -326,9 +334,8 @@ class Pipeline:
         """GET of stored answers (a response, a chat completion, a list of them): their output is screened as
         it was when made, so what the policy stopped then cannot be fetched later. The prompt they answered is
         not in the request: the guard judges the output alone."""
-        attributes = {"rsafe.tenant": call.tenant.id, "rsafe.policy.id": call.policy.id, "http.route": call.path}
-        span = self.recorder.tracer.start_span("rsafe.request", kind=SpanKind.SERVER, attributes=attributes)
-        state = _Screening(call, kind, {}, None, [], "", span)
+        state = _Screening(call, kind, {}, None, [], "", self._request_span(call))
+        span = state.span
         streamed = False
         try:
             response = await self._open(state, call, None)
@@ -360,8 +367,7 @@ class Pipeline:
         side for `request`, output side for `response`), answered with LiteLLM's action."""
         body = parse_json(call.body)
         request = litellm_api.validate_guardrail(body)
-        attributes = {"rsafe.tenant": call.tenant.id, "rsafe.policy.id": call.policy.id, "http.route": call.path}
-        span = self.recorder.tracer.start_span("rsafe.request", kind=SpanKind.SERVER, attributes=attributes)
+        span = self._request_span(call)
         state = _Screening(call, "chat", body, None, litellm_api.input_turns(request), "", span)
         try:
             judged: list[str] = []
