@@ -141,6 +141,12 @@ def last_prompt(request: ChatRequest | CompletionRequest) -> str:
 _TEXT_FIELDS = ("reasoning_content", "reasoning", "content", "refusal")
 
 
+def call_text(function: object) -> str:
+    """A function or tool call as the guard reads it: `name(arguments)`."""
+    found: dict[str, Any] = function if isinstance(function, dict) else {}
+    return f"{found.get('name', '')}({found.get('arguments', '')})"
+
+
 def choice_text(kind: Kind, choice: dict[str, Any]) -> str:
     """The text of one choice of a non-streamed answer, tool-call arguments included."""
     if kind == "completion":
@@ -148,11 +154,10 @@ def choice_text(kind: Kind, choice: dict[str, Any]) -> str:
     message = choice.get("message") or {}
     parts = [message.get(name) or "" for name in _TEXT_FIELDS]
     for call in message.get("tool_calls") or []:
-        function = call.get("function") or {} if isinstance(call, dict) else {}
-        parts.append(f"{function.get('name', '')}({function.get('arguments', '')})")
+        parts.append(call_text(call.get("function") if isinstance(call, dict) else None))
     legacy = message.get("function_call")  # the deprecated `functions` API still answers this way
     if isinstance(legacy, dict):
-        parts.append(f"{legacy.get('name', '')}({legacy.get('arguments', '')})")
+        parts.append(call_text(legacy))
     return "\n".join(str(part) for part in parts if part)
 
 

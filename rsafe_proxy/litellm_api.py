@@ -9,7 +9,7 @@ from typing import Any, Literal
 import pydantic
 from pydantic import Field
 
-from rsafe_proxy.bodies import SCREENED_ROLES, ContentPart, Open, invalid, message_text
+from rsafe_proxy.bodies import SCREENED_ROLES, ContentPart, Open, call_text, invalid, message_text
 from rsafe_proxy.policy.decide import Decision, Outcome
 
 PATH = "/beta/litellm_basic_guardrail_api"
@@ -50,11 +50,7 @@ def input_turns(request: GuardrailRequest) -> list[str]:
 
 def output_text(request: GuardrailRequest) -> str:
     """What the output screen judges: the answer's texts and its tool calls as `name(arguments)`."""
-    calls = []
-    for call in request.tool_calls or []:
-        function = call.get("function")
-        function = function if isinstance(function, dict) else {}
-        calls.append(f"{function.get('name', '')}({function.get('arguments', '')})")
+    calls = [call_text(call.get("function")) for call in request.tool_calls or []]
     return "\n".join(part for part in [*request.texts, *calls] if part)
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pydantic
 
-from rsafe_proxy.bodies import SCREENED_ROLES, ContentPart, Open, invalid, message_text
+from rsafe_proxy.bodies import SCREENED_ROLES, ContentPart, Open, call_text, invalid, message_text
 
 # Keys of output items and their parts that carry text to the client: message text and refusals, reasoning
 # summaries and text, tool-call arguments and inputs, code. Annotations (citations) are not judged.
@@ -97,7 +97,7 @@ def answer_text(answer: dict[str, Any]) -> str:
     parts = []
     for item in answer.get("output") or []:
         if isinstance(item, dict) and item.get("type") == "function_call":
-            parts.append(f"{item.get('name', '')}({item.get('arguments', '')})")
+            parts.append(call_text(item))
         elif isinstance(item, dict):
             parts += _texts(item)
     return "\n".join(parts)
