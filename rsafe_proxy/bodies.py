@@ -51,19 +51,55 @@ class CompletionRequest(Open):
     stream: bool | None = False
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object whose keys are unique: parsers disagree on which of two equal keys wins (the first, the last,
+    an error), so a body with both could be judged in one reading and acted on in another."""
+    found: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in found:
+            raise InvalidRequest(f"The request body repeats the key {key!r} in one object; send each key once.")
+        found[key] = value
+    return found
+
+
+def _no_constant(name: str) -> Any:
+    raise InvalidRequest(f"The request body holds {name}, which is not JSON.")
+
+
 def parse_json(raw: bytes) -> dict[str, Any]:
-    """The body as a JSON object, or InvalidRequest saying where it breaks."""
+    """The body as a JSON object, or InvalidRequest saying where it breaks.
+
+    Only one reading is accepted: UTF-8 (no BOM, no other encoding guessed from the first bytes), unique keys,
+    no NaN or Infinity, no lone surrogates. What the guard judges is then re-encoded (`encode_json`) and that is
+    what the upstream receives, so the two cannot read different content out of the same bytes.
+    """
     try:
-        data = json.loads(raw)
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise InvalidRequest("The request body is not UTF-8 encoded JSON.") from None
+    try:
+        data = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
     except json.JSONDecodeError as error:
         raise InvalidRequest(
             f"The request body is not valid JSON: {error.msg} (line {error.lineno}, column {error.colno})."
         ) from None
+    except RecursionError:
+        raise InvalidRequest("The request body is nested too deeply to be read.") from None
+    except ValueError as error:  # e.g. an integer past Python's digit limit
+        raise InvalidRequest(f"The request body cannot be read: {error}.") from None
     if not isinstance(data, dict):
         raise InvalidRequest("The request body must be a JSON object.")
     return data
+
+
+def encode_json(body: dict[str, Any]) -> bytes:
+    """The JSON bytes of a judged body, as forwarded upstream; a lone surrogate is refused (it has no UTF-8)."""
+    try:
+        return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequest("The request body holds an unpaired surrogate escape (\\ud800-\\udfff).") from None
+    except RecursionError:
+        raise InvalidRequest("The request body is nested too deeply to be read.") from None
 
 
 def _union_member(part: str | int) -> bool:
@@ -101,6 +137,11 @@ def validate_completion(body: dict[str, Any]) -> CompletionRequest:
                 param="prompt",
             ) from None
         raise invalid(error) from None
+
+
+def acts_upstream(body: dict[str, Any]) -> bool:
+    """True when a chat or completion request asks the provider to act while answering (web search)."""
+    return body.get("web_search_options") is not None
 
 
 def message_text(content: str | list[ContentPart] | None) -> str:

@@ -7,7 +7,7 @@ import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import httpx
@@ -21,7 +21,9 @@ from rsafe_proxy.bodies import (
     ChatRequest,
     CompletionRequest,
     Kind,
+    acts_upstream,
     choice_text,
+    encode_json,
     last_prompt,
     message_text,
     parse_json,
@@ -111,6 +113,12 @@ def _json(raw: bytes) -> Any:
         return None
 
 
+def _acts_upstream(kind: Kind, body: dict[str, Any]) -> bool:
+    """A request that makes the provider act (hosted tools, background work) waits for its input verdict,
+    whatever `input_screening` says: in parallel the provider would act on a prompt about to be blocked."""
+    return responses_api.acts_upstream(body) if kind == "responses" else acts_upstream(body)
+
+
 def _answer(value: Any, kind: Kind) -> dict[str, Any]:
     """A generated answer the proxy can screen (its choices, or its output, a list), else UpstreamUnavailable."""
     if not isinstance(value, dict) or not isinstance(value.get("output" if kind == "responses" else "choices"), list):
@@ -196,10 +204,14 @@ class Pipeline:
         parent = state.context if state else None
         attributes = {"server.address": self.upstream.base_url}
         with self.recorder.span(f"{call.method} {call.path}", attributes, kind=SpanKind.CLIENT, parent=parent):
+            headers = forward_headers(call.headers, self._authorization(call))
+            if state is not None and content is not None:  # a judged body, re-encoded as JSON
+                headers = {k: v for k, v in headers.items() if k.lower() not in ("content-type", "content-encoding")}
+                headers["content-type"] = "application/json"
             response = await self.upstream.open(
                 call.method,
                 call.path,
-                forward_headers(call.headers, self._authorization(call)),
+                headers,
                 content,
                 base_url=call.tenant.upstream_base_url,
                 query=call.query,
@@ -242,6 +254,8 @@ class Pipeline:
         """POST /v1/chat/completions, /v1/completions or /v1/responses, screened on both sides."""
         body = parse_json(call.body)
         request, turns, prompt = _validated(kind, body)
+        # the upstream gets the body that was judged, re-encoded, never the client's bytes (one reading)
+        call = replace(call, body=encode_json(body))
         span = self._request_span(
             call,
             {
@@ -267,7 +281,7 @@ class Pipeline:
         call = state.call
         upstream: asyncio.Task[httpx.Response] | None = None
         screening = asyncio.create_task(self.screen_input(state))
-        if self.parallel:
+        if self.parallel and not _acts_upstream(state.kind, state.body):
             upstream = asyncio.create_task(self._open(state, call, call.body))
         try:
             verdict, decision, judged = await screening

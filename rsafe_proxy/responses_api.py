@@ -147,3 +147,18 @@ def stopped_events(template: dict[str, Any], message: str) -> list[dict[str, Any
         "delta": message,
     }
     return [delta, {"type": "response.incomplete", "response": final}]
+
+
+# Tools the provider runs itself while it answers: the request makes it act (call an MCP server, run code,
+# search, read files, drive a computer), so it must not be sent before its input verdict. Function tools
+# are run by the client, after the answer, so they are not among them.
+_FUNCTION_TOOLS = frozenset({"function", "custom"})
+
+
+def acts_upstream(body: dict[str, Any]) -> bool:
+    """True when the request asks the provider to act while answering: hosted tools, or background mode."""
+    tools = body.get("tools")
+    hosted = isinstance(tools, list) and any(
+        not isinstance(tool, dict) or tool.get("type") not in _FUNCTION_TOOLS for tool in tools
+    )
+    return hosted or bool(body.get("background")) or body.get("conversation") is not None
