@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import re
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 from starlette.requests import Request
@@ -12,9 +15,41 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from rsafe_proxy import litellm_api
-from rsafe_proxy.errors import NotFound, ProxyError
+from rsafe_proxy.bodies import encode_json, parse_json
+from rsafe_proxy.draining import SHUTDOWN_MESSAGE, Drain, until_drained
+from rsafe_proxy.errors import InvalidRequest, NotFound, ProxyError, ServerShuttingDown, Unauthorized
+from rsafe_proxy.paths import pattern_matches
 from rsafe_proxy.pipeline import Call, Pipeline, Reply, StreamReply
+from rsafe_proxy.policy.schema import Policy
+from rsafe_proxy.policy.tenants import KeyRing, Tenant, bearer_token, configured_digests
 from rsafe_proxy.runtime import Runtime
+
+# The operations the proxy screens (method, canonical path pattern); the ROUTES below serve them.
+SCREENED: tuple[tuple[str, str], ...] = (
+    ("POST", "/v1/chat/completions"),
+    ("POST", "/v1/completions"),
+    ("POST", "/v1/responses"),
+    ("GET", "/v1/responses/{response_id}"),
+    ("POST", "/v1/responses/{response_id}/cancel"),
+    ("GET", "/v1/chat/completions"),
+    ("GET", "/v1/chat/completions/{completion_id}"),
+    ("POST", "/v1/chat/completions/{completion_id}"),
+)
+# Forwarded unscreened because they generate nothing and return no generated content (a policy adds more with
+# `passthrough`). Not here, so 404: images, audio, batches, files and their content, assistants, threads,
+# conversations, realtime, a response's input items, a completion's messages, and whatever OpenAI adds next.
+PASSTHROUGH: tuple[tuple[str, str], ...] = (
+    ("GET", "/v1/models"),
+    ("GET", "/v1/models/{model}"),
+    ("DELETE", "/v1/models/{model}"),
+    ("POST", "/v1/embeddings"),
+    ("POST", "/v1/moderations"),
+    ("POST", "/v1/responses/input_tokens"),
+    ("DELETE", "/v1/responses/{response_id}"),
+    ("DELETE", "/v1/chat/completions/{completion_id}"),
+)
+# Headers other APIs carry keys in (Anthropic-style, Azure): a keyed tenant's never go upstream.
+_KEY_HEADERS = frozenset({"x-api-key", "api-key"})
 
 
 def error_response(error: ProxyError) -> JSONResponse:
@@ -27,28 +62,65 @@ def _runtime(request: Request) -> Runtime:
     return runtime
 
 
+def _admin_keys(runtime: Runtime) -> KeyRing:
+    """The admin keys (server.admin_keys); env keys are read now, so a rotated variable takes effect."""
+    keys = runtime.settings.server.admin_keys
+    return KeyRing(configured_digests(keys, os.environ) if keys else ())
+
+
+def carries_key(runtime: Runtime, value: str) -> bool:
+    """True when `value` (a header or query value) carries a proxy key or an admin key anywhere."""
+    return runtime.tenants.keys.carried_by(value) or _admin_keys(runtime).carried_by(value)
+
+
+def _one(request: Request, name: str) -> str | None:
+    """The header's value; InvalidRequest when it is sent twice (which one counts would be anyone's guess)."""
+    values = request.headers.getlist(name)
+    if len(values) > 1:
+        raise InvalidRequest(f"Send the {name} header once.")
+    return values[0] if values else None
+
+
+def _forwardable(request: Request, tenant: Tenant, rings: tuple[KeyRing, ...]) -> dict[str, str]:
+    """The client's headers (first value of each) without any that carries a proxy or admin key, and, for a
+    keyed tenant, without the key headers of other APIs: a proxy key never reaches the upstream."""
+    headers: dict[str, str] = {}
+    for name, value in request.headers.items():
+        if name in headers or (tenant.keyed and name in _KEY_HEADERS):
+            continue
+        if not any(ring.carried_by(value) for ring in rings):
+            headers[name] = value
+    return headers
+
+
 async def _call(request: Request) -> Call:
     runtime = _runtime(request)
-    authorization = request.headers.get("authorization")
-    if authorization is None and request.url.path == litellm_api.PATH and (key := request.headers.get("x-api-key")):
+    tenants = runtime.tenants  # read once: a reload swaps it
+    authorization = _one(request, "authorization")
+    if authorization is None and request.scope["path"] == litellm_api.PATH and (key := _one(request, "x-api-key")):
         authorization = f"Bearer {key}"  # LiteLLM sends a guardrail's api_key so; nothing here goes upstream
-    tenant = runtime.tenants.resolve(authorization)
+    tenant = tenants.resolve(authorization)
     body = await request.body()
+    # scope['raw_path'] is the canonical path (paths.CanonicalPath): the upstream URL is built from it alone
+    raw_path: bytes = request.scope["raw_path"]
     return Call(
         method=request.method,
-        path=request.url.path.removeprefix("/v1").lstrip("/"),
-        query=request.url.query,
-        headers=dict(request.headers),
-        body=body,
+        path=raw_path.decode("ascii").removeprefix("/v1").lstrip("/"),
+        query=request.scope["query_string"].decode("ascii"),
+        headers=_forwardable(request, tenant, (tenants.keys, _admin_keys(runtime))),
+        body=b"" if request.method in ("GET", "HEAD") else body,  # a GET body has no meaning: none goes on
         tenant=tenant,
         policy=runtime.policies.get(tenant.id),
     )
 
 
-def _response(reply: Reply | StreamReply) -> Response:
+def _response(reply: Reply | StreamReply, drain: Drain) -> Response:
     if isinstance(reply, Reply):
         return Response(reply.body, status_code=reply.status, headers=reply.headers)
-    return StreamingResponse(reply.chunks, status_code=reply.status, headers=reply.headers)
+    chunks = reply.chunks
+    if any(k.lower() == "content-type" and v.startswith("text/event-stream") for k, v in reply.headers.items()):
+        chunks = until_drained(chunks, drain)  # at shutdown an event stream ends with an error event, cleanly
+    return StreamingResponse(chunks, status_code=reply.status, headers=reply.headers)
 
 
 async def _until_disconnect(request: Request) -> None:
@@ -60,18 +132,25 @@ async def _serve(request: Request, work: Callable[[Pipeline, Call], Awaitable[Re
     """Run `work`; a client that leaves before the answer cancels it (and the upstream and guard calls)."""
     try:
         call = await _call(request)
-        task = asyncio.ensure_future(work(_runtime(request).pipeline, call))
+        runtime = _runtime(request)
+        task = asyncio.ensure_future(work(runtime.pipeline, call))
         watcher = asyncio.ensure_future(_until_disconnect(request))
+        stopped = False
         try:
-            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            async with runtime.drain.bounded():  # at shutdown, the grace period bounds the wait
+                await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        except TimeoutError:
+            stopped = True
         finally:
             watcher.cancel()
         if not task.done():
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
+            if stopped:
+                return error_response(ServerShuttingDown(SHUTDOWN_MESSAGE))
             return Response(status_code=499)
-        return _response(task.result())
+        return _response(task.result(), runtime.drain)
     except ProxyError as error:
         return error_response(error)
 
@@ -91,14 +170,29 @@ async def responses(request: Request) -> Response:
     return await _serve(request, lambda pipeline, call: pipeline.complete(call, "responses"))
 
 
+def _metadata_only(call: Call) -> Call:
+    """A completion's update, as the upstream receives it: its `metadata` re-encoded and nothing else, so that
+    no prompt can ride on it unjudged (an upstream that read it as a create would find none)."""
+    if call.method != "POST":
+        return call
+    body = parse_json(call.body)
+    if set(body) - {"metadata"}:
+        raise InvalidRequest(
+            "A stored chat completion's update takes `metadata` only.", param=min(set(body) - {"metadata"})
+        )
+    return replace(call, body=encode_json({"metadata": body.get("metadata")}))
+
+
 async def stored_response(request: Request) -> Response:
-    """GET /v1/responses/{id}: a stored response, its output screened again."""
-    return await _serve(request, lambda pipeline, call: pipeline.retrieve(call, "responses"))
+    """GET /v1/responses/{id}, POST /v1/responses/{id}/cancel (which takes no body; none is sent): a stored
+    response, its output screened again."""
+    return await _serve(request, lambda pipeline, call: pipeline.retrieve(replace(call, body=b""), "responses"))
 
 
 async def stored_chat_completions(request: Request) -> Response:
-    """GET /v1/chat/completions[/{id}]: stored chat completions, their choices screened again."""
-    return await _serve(request, lambda pipeline, call: pipeline.retrieve(call, "chat"))
+    """GET /v1/chat/completions[/{id}], POST /v1/chat/completions/{id} (metadata update, which returns the
+    completion): stored chat completions, their choices screened again."""
+    return await _serve(request, lambda pipeline, call: pipeline.retrieve(_metadata_only(call), "chat"))
 
 
 async def litellm_guardrail(request: Request) -> Response:
@@ -106,9 +200,40 @@ async def litellm_guardrail(request: Request) -> Response:
     return await _serve(request, lambda pipeline, call: pipeline.guardrail(call))
 
 
+def _screened_spelling(method: str, path: str) -> bool:
+    """True when `path` is a screened route spelled another way (case, a `.json` suffix) that a lenient
+    upstream could still read as that route."""
+    lowered = path.lower()
+    spellings = {lowered, re.sub(r"\.[^/]*$", "", lowered)}
+    return any(
+        want == method and pattern_matches(pattern, spelling) for want, pattern in SCREENED for spelling in spellings
+    )
+
+
+def passes_through(method: str, path: str, policy: Policy) -> bool:
+    """True when `method path` (canonical) is on the pass-through allow-list: the proxy's, or the policy's."""
+    method = "GET" if method == "HEAD" else method
+    if _screened_spelling(method, path):
+        return False
+    extra = ((route.method, route.path) for route in policy.passthrough)
+    return any(want == method and pattern_matches(pattern, path) for want, pattern in (*PASSTHROUGH, *extra))
+
+
+async def _forward(pipeline: Pipeline, call: Call) -> Reply | StreamReply:
+    path = f"/v1/{call.path}"
+    if not passes_through(call.method, path, call.policy):
+        raise NotFound(
+            f"{call.method} {path} is not served by this proxy: it screens chat completions, completions and "
+            "responses, and forwards unscreened only routes that generate nothing (models, embeddings, "
+            "moderations, deletions, and those the tenant's policy lists under `passthrough`)."
+        )
+    return await pipeline.forward(call)
+
+
 async def passthrough(request: Request) -> Response:
-    """Every other /v1/* route: forwarded unscreened (models, embeddings, files, deletions; DESIGN §3)."""
-    return await _serve(request, lambda pipeline, call: pipeline.forward(call))
+    """Every other /v1/* route: forwarded unscreened when on the allow-list of routes that generate nothing,
+    else 404 (DESIGN §3)."""
+    return await _serve(request, _forward)
 
 
 async def healthz(request: Request) -> Response:
@@ -116,8 +241,21 @@ async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
 
+def _admin_refusal(request: Request) -> Response | None:
+    """401 unless the caller shows an admin key, where server.admin_keys is set; None when it may proceed."""
+    runtime = _runtime(request)
+    if not runtime.settings.server.admin_keys:
+        return None
+    # configured keys whose variables are unset leave an empty ring: it holds nothing, so the endpoint stays shut
+    if _admin_keys(runtime).holds(bearer_token(request.headers.get("authorization"))):
+        return None
+    return error_response(Unauthorized("This endpoint needs 'Authorization: Bearer <admin key>'."))
+
+
 async def readyz(request: Request) -> Response:
     """The guard can serve verdicts and every policy is loaded; rejected policy edits are reported."""
+    if (refusal := _admin_refusal(request)) is not None:
+        return refusal
     runtime = _runtime(request)
     guard_ready = await runtime.guard_ready()
     errors = runtime.policies.errors()
@@ -134,6 +272,8 @@ async def readyz(request: Request) -> Response:
 
 async def metrics(request: Request) -> Response:
     """Prometheus metrics."""
+    if (refusal := _admin_refusal(request)) is not None:
+        return refusal
     return Response(_runtime(request).recorder.metrics.render(), media_type="text/plain; version=0.0.4")
 
 
@@ -142,6 +282,8 @@ async def not_found(request: Request) -> Response:
     return error_response(NotFound(f"Unknown path: {request.url.path}"))
 
 
+_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+
 ROUTES = [
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
@@ -149,11 +291,13 @@ ROUTES = [
     Route("/v1/chat/completions", chat_completions, methods=["POST"]),
     Route("/v1/completions", completions, methods=["POST"]),
     Route("/v1/responses", responses, methods=["POST"]),
-    # stored answers: a blocked answer is stored upstream as it was generated, and its id was returned
+    # stored answers: a blocked answer is stored upstream as it was generated, and its id was returned; every
+    # operation that returns one screens it
     Route("/v1/responses/{response_id}", stored_response, methods=["GET"]),
+    Route("/v1/responses/{response_id}/cancel", stored_response, methods=["POST"]),
     Route("/v1/chat/completions", stored_chat_completions, methods=["GET"]),
-    Route("/v1/chat/completions/{completion_id}", stored_chat_completions, methods=["GET"]),
+    Route("/v1/chat/completions/{completion_id}", stored_chat_completions, methods=["GET", "POST"]),
     Route(litellm_api.PATH, litellm_guardrail, methods=["POST"]),
-    Route("/v1/{rest:path}", passthrough, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
-    Route("/{rest:path}", not_found, methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"]),
+    Route("/v1/{rest:path}", passthrough, methods=_METHODS),  # the allow-list decides
+    Route("/{rest:path}", not_found, methods=_METHODS),
 ]

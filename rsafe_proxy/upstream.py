@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 
 import httpx
 
@@ -23,18 +23,35 @@ _NOT_FORWARDED = frozenset(
         "accept-encoding",
         "authorization",
         "cookie",
+        # headers some servers and frameworks route by instead of the request line: the upstream must route
+        # by the path the proxy matched, never by one the client names
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
+        "x-original-url",
+        "x-original-uri",
+        "x-rewrite-url",
+        "x-forwarded-prefix",
+        "x-forwarded-path",
+        "x-envoy-original-path",
     }
 )
 _NOT_RETURNED = frozenset({"content-length", "transfer-encoding", "connection", "content-encoding", "keep-alive"})
 
 
 def forward_headers(headers: Mapping[str, str], authorization: str | None) -> dict[str, str]:
-    """Client headers fit to send upstream, with the upstream's credentials."""
-    out = {name: value for name, value in headers.items() if name.lower() not in _NOT_FORWARDED}
+    """Client headers fit to send upstream, with the upstream's credentials. Hop-by-hop headers go, those the
+    Connection header names included (RFC 9110 §7.6.1)."""
+    hop = {name.strip().lower() for value in _values(headers, "connection") for name in value.split(",")}
+    out = {name: value for name, value in headers.items() if name.lower() not in _NOT_FORWARDED | hop}
     out["accept-encoding"] = "identity"  # the proxy must read what it screens
     if authorization:
         out["authorization"] = authorization
     return out
+
+
+def _values(headers: Mapping[str, str], wanted: str) -> list[str]:
+    return [value for name, value in headers.items() if name.lower() == wanted]
 
 
 def returned_headers(headers: httpx.Headers) -> dict[str, str]:
@@ -81,3 +98,15 @@ class Upstream:
             raise UpstreamUnavailable(f"The upstream answer broke off: {type(error).__name__}.") from None
         finally:
             await response.aclose()
+
+    @staticmethod
+    async def chunks(response: httpx.Response) -> AsyncIterator[bytes]:
+        """The body as it arrives, mapping a broken or stalled transfer to UpstreamUnavailable or UpstreamTimeout
+        (the caller closes the response)."""
+        try:
+            async for chunk in response.aiter_bytes():
+                yield chunk
+        except httpx.TimeoutException:
+            raise UpstreamTimeout("The upstream model stopped sending its answer in time.") from None
+        except httpx.HTTPError as error:
+            raise UpstreamUnavailable(f"The upstream answer broke off: {type(error).__name__}.") from None

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from rsafe_proxy.config import TenantSettings
@@ -26,6 +27,54 @@ def key_digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
 
+_BEARER = re.compile(r"\s*bearer\s+(.+?)\s*", re.IGNORECASE | re.DOTALL)
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of `Bearer <token>` (any case, any whitespace), else None."""
+    matched = _BEARER.fullmatch(authorization) if authorization else None
+    return matched.group(1) if matched else None
+
+
+def configured_digests(keys: Iterable[str], env: Mapping[str, str]) -> list[bytes]:
+    """The digests of configured keys (`sha256:<hex>`, or `env:VAR` read from `env`; an unset VAR gives none)."""
+    digests = []
+    for key in keys:
+        if key.startswith("sha256:"):
+            digests.append(bytes.fromhex(key.removeprefix("sha256:")))
+        elif value := env.get(key.removeprefix("env:")):
+            digests.append(key_digest(value))
+    return digests
+
+
+class KeyRing:
+    """A set of key digests: is a token one of them, and does a header or query value carry one anywhere?"""
+
+    def __init__(self, digests: Iterable[bytes]) -> None:
+        self.digests = tuple(digests)
+
+    def __bool__(self) -> bool:
+        return bool(self.digests)
+
+    def holds(self, token: str | None) -> bool:
+        """True when `token` is one of the keys; every digest is compared, with no early exit to time."""
+        if not token or not self.digests:
+            return False
+        digest = key_digest(token)
+        found = False
+        for candidate in self.digests:
+            found |= hmac.compare_digest(candidate, digest)
+        return found
+
+    def carried_by(self, value: str) -> bool:
+        """True when `value`, or one of its words (`Bearer <key>`, `Token <key>`, `a, <key>`, `k=<key>`), is a
+        key. Words are split twice, with and without `=`/`:`/quotes as separators: a key may hold those."""
+        if not self.digests:
+            return False
+        words = {value.strip(), *re.split(r"[\s,;]+", value), *re.split(r"[\s,;=:&\"']+", value)}
+        return any(self.holds(word) for word in words if word)
+
+
 class TenantDirectory:
     """Maps a bearer key to its tenant; the anonymous tenant (if configured) serves requests with no key.
 
@@ -38,11 +87,8 @@ class TenantDirectory:
         for tenant in tenants:
             if tenant.anonymous:
                 self._anonymous = tenant
-            for key in tenant.keys:
-                if key.startswith("sha256:"):
-                    self._digests.append((bytes.fromhex(key.removeprefix("sha256:")), tenant))
-                elif value := env.get(key.removeprefix("env:")):
-                    self._digests.append((key_digest(value), tenant))
+            self._digests += [(digest, tenant) for digest in configured_digests(tenant.keys, env)]
+        self.keys = KeyRing(digest for digest, _ in self._digests)
         owners: dict[bytes, str] = {}
         for digest, tenant in self._digests:
             if owners.setdefault(digest, tenant.id) != tenant.id:
@@ -64,9 +110,7 @@ class TenantDirectory:
 
     def resolve(self, authorization: str | None) -> Tenant:
         """The tenant for this Authorization header; Unauthorized when none matches."""
-        token = None
-        if authorization and authorization.lower().startswith("bearer "):
-            token = authorization[7:].strip()
+        token = bearer_token(authorization)
         if token and self._digests:
             digest = key_digest(token)
             found = None
