@@ -10,15 +10,17 @@ from starlette.middleware import Middleware
 from starlette.types import ASGIApp
 
 from rsafe_proxy.config import Settings
-from rsafe_proxy.middleware import BodyLimit
+from rsafe_proxy.middleware import BodyLimit, BodyTimeout, ErrorBoundary
+from rsafe_proxy.paths import CanonicalPath
 from rsafe_proxy.policy.store import PolicyStore
-from rsafe_proxy.routes import ROUTES
+from rsafe_proxy.routes import ROUTES, carries_key
 from rsafe_proxy.runtime import Runtime, policy_paths
 
 
 def build_app(settings: Settings) -> ASGIApp:
     """The proxy as an ASGI app. Policies are loaded now, so a bad policy stops start-up (FileInvalid)."""
     policies = PolicyStore.load(policy_paths(settings))
+    server = settings.server
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -29,8 +31,20 @@ def build_app(settings: Settings) -> ASGIApp:
         finally:
             await runtime.close()
 
-    return Starlette(
+    def proxy_key(value: str) -> bool:
+        runtime = getattr(proxy.state, "runtime", None)
+        return runtime is not None and carries_key(runtime, value)
+
+    proxy = Starlette(
         routes=ROUTES,
         lifespan=lifespan,
-        middleware=[Middleware(BodyLimit, max_bytes=settings.server.max_body_bytes)],
+        middleware=[
+            Middleware(ErrorBoundary),  # outermost: whatever fails below is answered as an OpenAI-style error
+            # before anything reads the path: routing and the upstream URL see only its canonical form, and no
+            # key in the query reaches the upstream or the access log
+            Middleware(CanonicalPath, is_secret=proxy_key),
+            Middleware(BodyTimeout, idle_s=server.body_idle_timeout_s, total_s=server.body_timeout_s),
+            Middleware(BodyLimit, max_bytes=server.max_body_bytes),
+        ],
     )
+    return proxy

@@ -30,15 +30,13 @@ def _policy(args: argparse.Namespace, settings: Settings) -> Policy:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from rsafe_proxy.app import build_app
+    from rsafe_proxy.server import serve
 
     settings = _settings(args)
     host = args.host or settings.server.host
     port = args.port if args.port is not None else settings.server.port
-    app = build_app(settings)
-    uvicorn.run(app, host=host, port=port, log_level=args.log_level, timeout_graceful_shutdown=10)
+    serve(settings, build_app(settings), host=host, port=port, log_level=args.log_level)
     return 0
 
 

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from rsafe_proxy.guard.engine import DEFAULT_SEGMENT_CHARS, SEGMENT_CHARS
 from rsafe_proxy.guard.families import family, mode_problem
 from rsafe_proxy.yamlsource import FileInvalid, InvalidPart, Problem, YamlDocument, read_yaml, validate
 
@@ -25,6 +26,17 @@ def _none_if_empty(value: Any) -> Any:
     return None if value == "" else value
 
 
+def _key_forms(keys: tuple[str, ...]) -> tuple[str, ...]:
+    """Keys in proxy.yaml are `sha256:<hex digest>` or `env:VARIABLE`, never the key itself."""
+    for key in keys:
+        if key.startswith("sha256:"):
+            if not re.fullmatch(r"sha256:[0-9a-f]{64}", key):
+                raise ValueError("a sha256 key must be 'sha256:' followed by 64 lowercase hex digits")
+        elif not key.startswith("env:"):
+            raise ValueError("each key must be 'sha256:<hex digest>' or 'env:VARIABLE' (never the key itself)")
+    return keys
+
+
 class ServerSettings(_Frozen):
     """The proxy's own HTTP behaviour."""
 
@@ -32,6 +44,40 @@ class ServerSettings(_Frozen):
     port: Annotated[int, Field(ge=0, le=65535)] = 8080
     max_body_bytes: Annotated[int, Field(ge=1024)] = 8 * 1024 * 1024
     input_screening: Literal["parallel", "sequential"] = "parallel"
+    # Availability: every wait on a client is bounded, so idle or trickling connections cannot pile up
+    header_timeout_s: Annotated[float, Field(gt=0)] = Field(
+        10.0,
+        description="A connection must send a complete request head (request line and headers) within this "
+        "many seconds of opening, or of the first byte of its next request; else it is closed (slowloris).",
+    )
+    keep_alive_timeout_s: Annotated[int, Field(ge=1)] = Field(
+        5, description="An idle keep-alive connection is closed after this many seconds without a request."
+    )
+    body_idle_timeout_s: Annotated[float, Field(gt=0)] = Field(
+        15.0, description="A request body that sends nothing for this many seconds is answered 408."
+    )
+    body_timeout_s: Annotated[float, Field(gt=0)] = Field(
+        120.0, description="A request body not complete this many seconds after its headers is answered 408."
+    )
+    max_connections: Annotated[int, Field(ge=1)] = Field(
+        4096,
+        description="Open client connections served at once; a request on a connection past the cap gets a "
+        "503 JSON error and the connection is closed. Lowered at start to what the open-file limit allows.",
+    )
+    shutdown_grace_s: Annotated[float, Field(ge=0)] = Field(
+        30.0,
+        description="On SIGTERM new connections are refused and requests in flight get this many seconds to "
+        "finish; then streams end with an error event and unanswered requests get a 503.",
+    )
+    admin_keys: tuple[str, ...] = Field(
+        (),
+        description="Keys for /metrics and /readyz, in the forms tenant keys take ('sha256:<hex digest>' or "
+        "'env:VARIABLE'). When set, those two answer only 'Authorization: Bearer <admin key>' (else 401), so "
+        "that tenants cannot read each other's traffic figures or policy versions; /healthz stays open. "
+        "Unset (the default), both are open. An admin key is a credential like a proxy key: never forwarded.",
+    )
+
+    _admin_key_forms = field_validator("admin_keys")(_key_forms)
 
 
 class UpstreamSettings(_Frozen):
@@ -78,6 +124,26 @@ class GuardSettings(_Frozen):
     top_p: Annotated[float, Field(gt=0, le=1)] = 0.8
     repetition_penalty: Annotated[float, Field(gt=0)] = 1.05
     max_tokens: Annotated[int, Field(ge=1)] = 1024
+    max_connections: Annotated[int, Field(ge=1)] = Field(
+        64, description="Connections the openai engine keeps open to the guard server (its pool size)."
+    )
+    segment_chars: Annotated[int, Field(ge=256)] | None = Field(
+        None,
+        description="Content longer than this many characters (after normalisation) is judged in segments, every "
+        "one of them, never truncated. Unset: the engine's default (transformers 4000, openai and vllm 12000). "
+        "A segment the guard model still finds too long for its context is judged in halves.",
+    )
+    segment_overlap_chars: Annotated[int, Field(ge=0)] = Field(
+        200, description="Characters each segment shares with the next, so a phrase cut at a boundary is seen whole."
+    )
+    max_segments: Annotated[int, Field(ge=1)] = Field(
+        64,
+        description="The most guard calls one screen may make. A prompt that needs more is refused with 413 "
+        "content_too_long (under on_guard_error: allow too); an answer that needs more is withheld.",
+    )
+    segments_in_flight: Annotated[int, Field(ge=1)] = Field(
+        4, description="Guard calls of one screen run at once (the others wait): one long text cannot take the guard."
+    )
     options: Mapping[str, Any] = Field(default_factory=dict)
     cache: CacheSettings = CacheSettings()
 
@@ -89,6 +155,16 @@ class GuardSettings(_Frozen):
         if template is not None:
             family(template)  # raises ValueError naming the known families
         return template
+
+    @model_validator(mode="after")
+    def _overlap_shorter(self) -> Self:
+        if self.segment_overlap_chars * 2 >= self.effective_segment_chars():
+            raise InvalidPart(["segment_overlap_chars"], "must be less than half of segment_chars")
+        return self
+
+    def effective_segment_chars(self) -> int:
+        """segment_chars, or the selected engine's default."""
+        return self.segment_chars or SEGMENT_CHARS.get(self.engine_name(), DEFAULT_SEGMENT_CHARS)
 
     @model_validator(mode="after")
     def _readable_in_mode(self) -> Self:
@@ -140,16 +216,7 @@ class TenantSettings(_Frozen):
     policy: str = "rsafe-default"
     upstream: TenantUpstream = TenantUpstream()
 
-    @field_validator("keys")
-    @classmethod
-    def _key_forms(cls, keys: tuple[str, ...]) -> tuple[str, ...]:
-        for key in keys:
-            if key.startswith("sha256:"):
-                if not re.fullmatch(r"sha256:[0-9a-f]{64}", key):
-                    raise ValueError("a sha256 key must be 'sha256:' followed by 64 lowercase hex digits")
-            elif not key.startswith("env:"):
-                raise ValueError("each key must be 'sha256:<hex digest>' or 'env:VARIABLE' (never the key itself)")
-        return keys
+    _key_forms = field_validator("keys")(_key_forms)
 
 
 class TelemetrySettings(_Frozen):

@@ -44,6 +44,19 @@ class PayloadTooLarge(ProxyError):
     type = "invalid_request_error"
     code = "payload_too_large"
 
+    def headers(self) -> dict[str, str]:
+        # the proxy may have stopped reading the body before its end: the connection cannot be reused
+        return {"connection": "close"}
+
+
+class ContentTooLong(ProxyError):
+    """The content needs more guard calls than one request may use (guard.max_segments): refused, because
+    content the guard has not judged is never passed on."""
+
+    status = 413
+    type = "invalid_request_error"
+    code = "content_too_long"
+
 
 class Unauthorized(ProxyError):
     """No key, or a key that belongs to no tenant."""
@@ -98,3 +111,45 @@ class UpstreamTimeout(ProxyError):
     status = 504
     type = "server_error"
     code = "upstream_timeout"
+
+
+class RequestTimeout(ProxyError):
+    """The client sent its request body too slowly (server.body_idle_timeout_s, server.body_timeout_s)."""
+
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+    def headers(self) -> dict[str, str]:
+        # the rest of the body may still be on its way: the connection cannot carry another request
+        return {"connection": "close"}
+
+
+class ServerBusy(ProxyError):
+    """More client connections are open than server.max_connections allows."""
+
+    status = 503
+    type = "server_error"
+    code = "server_overloaded"
+
+    def headers(self) -> dict[str, str]:
+        return {"connection": "close"}  # the connection is the resource that ran out
+
+
+class ServerShuttingDown(ProxyError):
+    """The proxy is stopping and the request did not finish within server.shutdown_grace_s."""
+
+    status = 503
+    type = "server_error"
+    code = "server_shutting_down"
+
+    def headers(self) -> dict[str, str]:
+        return {"connection": "close"}
+
+
+class InternalError(ProxyError):
+    """A fault in the proxy itself. The body says nothing of it; the log has the trace."""
+
+    status = 500
+    type = "server_error"
+    code = "internal_error"

@@ -1,12 +1,16 @@
-"""Pure ASGI middleware: the request body size limit."""
+"""Pure ASGI middleware: the catch-all error boundary, the request body timeouts and the body size limit."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from rsafe_proxy.errors import PayloadTooLarge, ProxyError
+from rsafe_proxy.errors import InternalError, PayloadTooLarge, ProxyError, RequestTimeout
+
+log = logging.getLogger("rsafe_proxy")
 
 _DRAIN_LIMIT = 256 * 1024 * 1024  # read and discard at most this much, so the client gets its 413 cleanly
 
@@ -18,6 +22,75 @@ async def send_error(send: Send, error: ProxyError) -> None:
     headers += [(name.encode(), value.encode()) for name, value in error.headers().items()]
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+class ErrorBoundary:
+    """Whatever escapes the app is answered as an OpenAI-style JSON error, never uvicorn's plain-text 500.
+
+    A ProxyError keeps its status and code; anything else is a 500 `internal_error` whose body names nothing of
+    the cause (the trace goes to the log). Once a response has started, its status is sent and cannot change:
+    the error is re-raised and the server closes the connection."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watched(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except Exception as error:
+            if started:
+                raise
+            if not isinstance(error, ProxyError):
+                log.exception("unexpected error answering %s %s", scope.get("method"), scope.get("path"))
+                error = InternalError("The proxy failed to handle this request; the fault is in its log.")
+            await send_error(send, error)
+
+
+class BodyTimeout:
+    """Bounds how long the app waits for the request body: `idle_s` between two chunks, `total_s` for all of it
+    from the start of the request. A client past either gets 408 (RequestTimeout, raised from `receive`).
+
+    Once the body is complete `receive` is left alone: the app then waits on it for the client's disconnect."""
+
+    def __init__(self, app: ASGIApp, idle_s: float, total_s: float) -> None:
+        self.app = app
+        self.idle_s = idle_s
+        self.total_s = total_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.total_s
+        complete = False
+
+        async def timed() -> Message:
+            nonlocal complete
+            if complete:
+                return await receive()
+            try:
+                async with asyncio.timeout_at(min(deadline, loop.time() + self.idle_s)):
+                    message = await receive()
+            except TimeoutError:
+                raise RequestTimeout(
+                    f"The request body did not arrive in time (at most {self.idle_s:g} s between two reads, "
+                    f"{self.total_s:g} s in all)."
+                ) from None
+            complete = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
+        await self.app(scope, timed, send)
 
 
 class BodyLimit:
@@ -32,12 +105,15 @@ class BodyLimit:
 
     async def _drain(self, receive: Receive, seen: int) -> None:
         more = True
-        while more and seen < _DRAIN_LIMIT:
-            message = await receive()
-            if message["type"] != "http.request":
-                return
-            seen += len(message.get("body", b""))
-            more = message.get("more_body", False)
+        try:
+            while more and seen < _DRAIN_LIMIT:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return
+                seen += len(message.get("body", b""))
+                more = message.get("more_body", False)
+        except RequestTimeout:  # a body that trickles is not waited for: the 413 says what is wrong with it
+            return
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 
 from rsafe_proxy.config import GuardSettings, Settings, load_settings
+from rsafe_proxy.draining import Drain
 from rsafe_proxy.guard.cache import TTLCache
 from rsafe_proxy.guard.engine import GuardEngine, Sampling, load_engine
 from rsafe_proxy.guard.screen import Screener, ScreenSettings, Verdict
@@ -48,6 +49,7 @@ def engine_options(guard: GuardSettings) -> dict[str, Any]:
             "model": guard.model or "rsafe",
             "api_key": guard.api_key.get_secret_value() if guard.api_key else None,
             "timeout_s": guard.timeout_s,
+            "max_connections": guard.max_connections,
         }
     return {**guard.options, "mode": guard.effective_mode()}
 
@@ -61,7 +63,15 @@ def build_screener(guard: GuardSettings, engine: GuardEngine) -> Screener:
     """A screener over `engine` with the settings' sampling, timeout and cache."""
     sampling = Sampling(guard.temperature, guard.top_p, guard.repetition_penalty, guard.max_tokens)
     settings = ScreenSettings(
-        guard.effective_mode(), guard.effective_template(), guard.score_threshold, guard.timeout_s, sampling
+        guard.effective_mode(),
+        guard.effective_template(),
+        guard.score_threshold,
+        guard.timeout_s,
+        sampling,
+        segment_chars=guard.effective_segment_chars(),
+        overlap_chars=guard.segment_overlap_chars,
+        max_segments=guard.max_segments,
+        segments_in_flight=guard.segments_in_flight,
     )
     cache: TTLCache[Verdict] = TTLCache(guard.cache.max_entries, guard.cache.ttl_s)
     return Screener(engine, settings, cache)
@@ -86,6 +96,7 @@ class Runtime:
     pipeline: Pipeline
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     config_error: str | None = None
+    drain: Drain = field(default_factory=Drain)  # begun by the server at shutdown (rsafe_proxy.server)
 
     @property
     def engine_name(self) -> str:

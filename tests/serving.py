@@ -21,6 +21,7 @@ from starlette.types import ASGIApp
 
 from rsafe_proxy.app import build_app
 from rsafe_proxy.config import Settings
+from rsafe_proxy.server import ProxyServer, server_config
 
 
 class _Server(uvicorn.Server):
@@ -30,6 +31,12 @@ class _Server(uvicorn.Server):
         await self.on_tick(0)  # sets the default response headers
         while not self.should_exit:
             await asyncio.sleep(0.01)
+
+
+class _ProxyServer(ProxyServer):
+    """The proxy's own server (its limits and graceful shutdown), noticing `should_exit` as quickly."""
+
+    main_loop = _Server.main_loop
 
 
 @dataclass
@@ -67,20 +74,18 @@ def unused_url() -> str:
     return f"http://127.0.0.1:{port}"
 
 
-def start(app: ASGIApp, lifespan: Literal["on", "off"] = "on") -> Served:
-    """Serve `app` on a free loopback port in a background thread; the caller stops it."""
+def start(app: ASGIApp, lifespan: Literal["on", "off"] = "on", settings: Settings | None = None) -> Served:
+    """Serve `app` on a free loopback port in a background thread; the caller stops it. With `settings`, it is
+    served as `rsafe-proxy serve` serves the proxy (rsafe_proxy.server: limits, timeouts, graceful shutdown)."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        app,
-        lifespan=lifespan,
-        log_config=None,
-        log_level="warning",
-        loop="asyncio",
-        timeout_graceful_shutdown=1,
-    )
-    server = _Server(config)
+    options: dict[str, Any] = {"lifespan": lifespan, "log_config": None, "log_level": "warning", "loop": "asyncio"}
+    server: uvicorn.Server
+    if settings is None:
+        server = _Server(uvicorn.Config(app, timeout_graceful_shutdown=1, **options))
+    else:
+        server = _ProxyServer(server_config(settings, app, **options), settings.server.shutdown_grace_s)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     served = Served(f"http://127.0.0.1:{port}", server, thread, sock)
     thread.start()
@@ -94,9 +99,9 @@ def start(app: ASGIApp, lifespan: Literal["on", "off"] = "on") -> Served:
 
 
 @contextmanager
-def serve(app: ASGIApp, lifespan: Literal["on", "off"] = "on") -> Iterator[Served]:
-    """Serve `app` until the block ends."""
-    served = start(app, lifespan)
+def serve(app: ASGIApp, lifespan: Literal["on", "off"] = "on", settings: Settings | None = None) -> Iterator[Served]:
+    """Serve `app` until the block ends (as the proxy is served, with `settings`)."""
+    served = start(app, lifespan, settings)
     try:
         yield served
     finally:
@@ -109,9 +114,9 @@ class Servers:
     def __init__(self) -> None:
         self.running: list[Served] = []
 
-    def start(self, app: ASGIApp, lifespan: Literal["on", "off"] = "on") -> Served:
-        """Serve `app` until `close`."""
-        served = start(app, lifespan)
+    def start(self, app: ASGIApp, lifespan: Literal["on", "off"] = "on", settings: Settings | None = None) -> Served:
+        """Serve `app` until `close` (as the proxy is served, with `settings`)."""
+        served = start(app, lifespan, settings)
         self.running.append(served)
         return served
 
@@ -137,7 +142,8 @@ def _merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]
 def proxy_config(upstream_url: str, guard_url: str, directory: Path, **overrides: Any) -> dict[str, Any]:
     """proxy.yaml's content for a proxy in front of the doubles (sections in `overrides` are merged in)."""
     base: dict[str, Any] = {
-        "server": {"max_body_bytes": 64 * 1024, "input_screening": "parallel"},
+        # a short grace: a test that leaves a stream open is not held up at its end
+        "server": {"max_body_bytes": 64 * 1024, "input_screening": "parallel", "shutdown_grace_s": 1},
         "upstream": {"base_url": f"{upstream_url}/v1", "timeout_s": 10, "connect_timeout_s": 2},
         "guard": {"engine": "openai", "url": f"{guard_url}/v1", "model": "scripted-guard", "timeout_s": 2},
         "tenants": [{"id": "default", "anonymous": True, "policy": "rsafe-default"}],
@@ -200,12 +206,12 @@ class Proxy:
 
 def start_proxy(servers: Servers, settings: Settings) -> Proxy:
     """`build_app(settings)` served on loopback until `servers` close."""
-    served = servers.start(build_app(settings))
+    served = servers.start(build_app(settings), settings=settings)
     return Proxy(served.url, settings, served)
 
 
 @contextmanager
 def run_proxy(settings: Settings) -> Iterator[Proxy]:
     """`build_app(settings)` served on loopback until the block ends."""
-    with serve(build_app(settings)) as served:
+    with serve(build_app(settings), settings=settings) as served:
         yield Proxy(served.url, settings, served)
