@@ -7,13 +7,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from rsafe_proxy import responses_api
-from rsafe_proxy.bodies import Kind, delta_text, final_chunk
+from rsafe_proxy.bodies import Kind, choice_index, chunk_texts, final_chunk
+from rsafe_proxy.errors import ProxyError, UpstreamUnavailable
 from rsafe_proxy.policy.decide import Decision
 from rsafe_proxy.policy.schema import StreamMode, StreamSettings
 
@@ -23,14 +25,21 @@ DONE = b"data: [DONE]\n\n"
 Judge = Callable[[int, str], Awaitable[Decision]]
 
 
+# What replaces a comment or a data-less event: it keeps an idle connection alive and carries no text.
+KEEP_ALIVE = b":\n\n"
+_FIELDS = frozenset({b"data", b"event", b"id", b"retry"})
+
+
 @dataclass
 class Event:
-    """One SSE event: its raw bytes, and the JSON it carries (None for [DONE] or comments)."""
+    """One SSE event: its raw bytes, and the JSON it carries (None for [DONE] or comments). `plain`: the raw
+    bytes say nothing but that JSON (and its type as the event name), so they can be sent as they are."""
 
     raw: bytes
     data: dict[str, Any] | None
     done: bool = False
     opaque: bool = False
+    plain: bool = True
 
 
 async def sse_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[Event]:
@@ -47,32 +56,29 @@ async def sse_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[Event]:
 
 
 def _event(raw: bytes) -> Event:
-    lines = [line[5:].lstrip() for line in raw.split(b"\n") if line.startswith(b"data:")]
-    payload = b"\n".join(lines).strip()
+    lines = [line for line in raw.split(b"\n") if line and not line.startswith(b":")]
+    payload = b"\n".join(line[5:].lstrip() for line in lines if line.startswith(b"data:")).strip()
+    others = [line for line in lines if not line.startswith(b"data:")]
     if payload == b"[DONE]":
         return Event(raw, None, done=True)
     try:
         data = json.loads(payload) if payload else None
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: JSON nested deeper than the parser goes
         data = None
     if isinstance(data, dict):
-        return Event(raw, data)
+        named = f"event: {data.get('type')}".encode()
+        return Event(raw, data, plain=all(line == named for line in others))
+    if not payload:
+        # a comment, or fields without data; a line that is no SSE field at all is garbage
+        return Event(raw, None, opaque=any(line.split(b":", 1)[0] not in _FIELDS for line in others))
     # data the proxy cannot read cannot be judged, so it is never sent (an OpenAI upstream sends none)
-    return Event(raw, None, opaque=bool(payload))
+    return Event(raw, None, opaque=True)
 
 
 def encode(data: dict[str, Any]) -> bytes:
     """One SSE data event (named by its `type`, as the Responses API names its events)."""
     named = f"event: {data['type']}\n".encode() if isinstance(data.get("type"), str) else b""
     return named + b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
-
-
-def event_texts(kind: Kind, data: dict[str, Any]) -> list[tuple[int, str]]:
-    """(choice index, text) for the text a streamed event adds; the Responses API has one output (index 0)."""
-    if kind == "responses":
-        return [(0, responses_api.event_text(data))]
-    choices = [choice for choice in data.get("choices") or [] if isinstance(choice, dict)]
-    return [(int(choice.get("index") or 0), delta_text(kind, choice)) for choice in choices]
 
 
 def is_final(kind: Kind, data: dict[str, Any] | None) -> bool:
@@ -84,32 +90,95 @@ def is_final(kind: Kind, data: dict[str, Any] | None) -> bool:
     return any(isinstance(choice, dict) and choice.get("finish_reason") for choice in data.get("choices") or [])
 
 
+def _finished_choices(data: dict[str, Any]) -> set[int]:
+    choices = [choice for choice in data.get("choices") or [] if isinstance(choice, dict)]
+    return {choice_index(choice) for choice in choices if choice.get("finish_reason")}
+
+
 @dataclass
 class _Choice:
     released: str = ""
     pending: str = ""
 
 
+# What an event leaves to hold or release (None: nothing), and the cut when the policy blocks what it carried.
+_Taken = tuple[bytes | None, tuple[int, Decision] | None]
+
+
 @dataclass
 class WindowedScreen:
-    """Holds events back until the text they carry has passed the guard."""
+    """Holds events back until the text they carry has passed the guard.
+
+    Every string of an event is judged (see channels.read); payloads the guard cannot read (audio data, images)
+    are stripped, or, when `unjudged` is a decision, cut the stream with it. A stream the upstream breaks off
+    (`failure`) still ends cleanly: pending text is judged, and the client gets an error event, not [DONE]."""
 
     kind: Kind
     settings: StreamSettings
     judge: Judge
+    unjudged: Decision | None = None
     choices: dict[int, _Choice] = field(default_factory=dict)
     held: list[bytes] = field(default_factory=list)
     template: dict[str, Any] = field(default_factory=dict)
     windows: int = 0
+    stripped: list[str] = field(default_factory=list)
+    failure: ProxyError | None = None
+    reader: responses_api.EventTexts = field(default_factory=responses_api.EventTexts)
+    _ended: bool = False
+    _finished: set[int] = field(default_factory=set)
+    _unreadable: bool = False
+    _sequence: int = -1  # the Responses API numbers its events: the proxy's own continue the count
 
-    def _take(self, event: Event) -> None:
-        if event.data is None:
-            return
+    def _read(self, data: dict[str, Any]) -> tuple[list[tuple[int, str]], tuple[str, ...], dict[str, Any] | None]:
+        if self.kind == "responses":  # one output (index 0)
+            reading = self.reader.take(data)
+            return [(0, text) for text in reading.texts], reading.unjudged, reading.value
+        return chunk_texts(self.kind, data)
+
+    def _take(self, event: Event) -> _Taken:
+        if event.data is None:  # a comment: its text is never judged, so none of it is sent
+            return KEEP_ALIVE, None
+        texts, unjudged, data = self._read(event.data)
+        number = event.data.get("sequence_number")
+        if isinstance(number, int) and not isinstance(number, bool):
+            self._sequence = max(self._sequence, number)
+        if unjudged:
+            self.stripped += unjudged
+            if self.unjudged is not None:
+                return None, (texts[0][0] if texts else 0, self.unjudged)
         # the first chunk names the answer; a Responses API event with the response object, the latest one
-        if not self.template or (self.kind == "responses" and "response" in event.data):
-            self.template = event.data
-        for index, text in event_texts(self.kind, event.data):
+        if data is not None and (not self.template or (self.kind == "responses" and "response" in data)):
+            self.template = data
+        for index, text in texts:
             self.choices.setdefault(index, _Choice()).pending += text
+        if data is None:
+            return None, None
+        # sent as received when nothing was stripped and the bytes carry nothing else (an id, a stray line)
+        return (event.raw if data is event.data and event.plain else encode(data)), None
+
+    async def _watched(self, events: AsyncIterator[Event]) -> AsyncGenerator[Event, None]:
+        """The upstream's events; its failure is kept (the stream still ends cleanly), and so is a stream that
+        stops before its end while it sent data the proxy cannot read (the Responses API: before its last event)."""
+        try:
+            async for event in events:
+                if event.done or (self.kind == "responses" and is_final(self.kind, event.data)):
+                    self._ended = True
+                elif event.opaque:
+                    self._unreadable = True
+                elif event.data is not None:
+                    self._finished |= _finished_choices(event.data)
+                yield event
+        except ProxyError as error:
+            if not self._complete:
+                self.failure = error
+            return
+        if not self._complete and (self.kind == "responses" or self._unreadable):
+            self.failure = UpstreamUnavailable("The upstream model's stream ended before the answer was complete.")
+
+    @property
+    def _complete(self) -> bool:
+        """Whether the upstream has sent its whole answer ([DONE], its last event, or every choice finished)."""
+        return self._ended or (bool(self._finished) and self._finished >= set(self.choices))
 
     def _window_full(self) -> bool:
         if self.settings.mode is StreamMode.BUFFER:
@@ -143,11 +212,22 @@ class WindowedScreen:
 
     def _cut(self, index: int, decision: Decision) -> list[bytes]:
         if self.kind == "responses":  # its streams end with their last event, not [DONE]
-            return [encode(event) for event in responses_api.stopped_events(self.template, decision.message)]
+            return [self._numbered(event) for event in responses_api.stopped_events(self.template, decision.message)]
         return [encode(final_chunk(self.kind, self.template, index, decision.message)), DONE]
 
-    @property
-    def _done(self) -> bytes:
+    def _numbered(self, event: dict[str, Any]) -> bytes:
+        if self._sequence >= 0:
+            self._sequence += 1
+            event = {**event, "sequence_number": self._sequence}
+        return encode(event)
+
+    def _ending(self) -> bytes:
+        """The end of the stream: [DONE], or, after an upstream failure, an error the SDKs raise."""
+        if self.failure is not None:
+            if self.kind == "responses":
+                error = {"code": "server_error", "message": self.failure.message}
+                return b"".join(self._numbered(event) for event in responses_api.failed_events(self.template, error))
+            return encode(self.failure.body())
         return b"" if self.kind == "responses" else DONE
 
     async def run(self, events: AsyncIterator[Event]) -> AsyncIterator[bytes]:
@@ -156,57 +236,68 @@ class WindowedScreen:
             async for out in self._run_async(events):
                 yield out
             return
-        async for event in events:
-            if event.done:
-                break
-            if event.opaque:
-                continue
-            self.held.append(event.raw)
-            self._take(event)
-            if self._window_full():
-                failed = await self._judge(self._window())
-                if failed:
-                    for out in self._cut(*failed):
+        async with contextlib.aclosing(self._watched(events)) as source:
+            async for event in source:
+                if event.done:
+                    break
+                if event.opaque:
+                    continue
+                raw, blocked = self._take(event)
+                if blocked:
+                    for out in self._cut(*blocked):
                         yield out
                     return
-                yield b"".join(self.held)
-                self.held.clear()
+                if raw:
+                    self.held.append(raw)
+                if self._window_full():
+                    failed = await self._judge(self._window())
+                    if failed:
+                        for out in self._cut(*failed):
+                            yield out
+                        return
+                    yield b"".join(self.held)
+                    self.held.clear()
         failed = await self._judge(self._window())
         if failed:
             for out in self._cut(*failed):
                 yield out
             return
-        yield b"".join(self.held) + self._done
+        yield b"".join(self.held) + self._ending()
 
     async def _run_async(self, events: AsyncIterator[Event]) -> AsyncIterator[bytes]:
         """Release text at once; judge windows in the background; hold only the end of the stream."""
         checks: list[asyncio.Task[tuple[int, Decision] | None]] = []
         tail: list[bytes] = []
         try:
-            async for event in events:
-                if event.done:
-                    break
-                if event.opaque:
-                    continue
-                for task in checks:
-                    if task.done() and (failed := task.result()):
-                        for out in self._cut(*failed):
+            async with contextlib.aclosing(self._watched(events)) as source:
+                async for event in source:
+                    if event.done:
+                        break
+                    if event.opaque:
+                        continue
+                    for task in checks:
+                        if task.done() and (failed := task.result()):
+                            for out in self._cut(*failed):
+                                yield out
+                            return
+                    raw, blocked = self._take(event)
+                    if blocked:
+                        for out in self._cut(*blocked):
                             yield out
                         return
-                self._take(event)
-                if is_final(self.kind, event.data):
-                    tail.append(event.raw)
-                else:
-                    yield event.raw
-                if self._window_full():  # the window is taken now, not when its task first runs
-                    checks.append(asyncio.create_task(self._judge(self._window())))
+                    if raw and is_final(self.kind, event.data):
+                        tail.append(raw)
+                    elif raw:
+                        yield raw
+                    if self._window_full():  # the window is taken now, not when its task first runs
+                        checks.append(asyncio.create_task(self._judge(self._window())))
             checks.append(asyncio.create_task(self._judge(self._window())))
             for task in checks:
                 if failed := await task:
                     for out in self._cut(*failed):
                         yield out
                     return
-            yield b"".join(tail) + self._done
+            yield b"".join(tail) + self._ending()
         finally:
             for task in checks:
                 task.cancel()
