@@ -9,7 +9,9 @@ from typing import Any, Literal
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
+from rsafe_proxy import channels
 from rsafe_proxy.errors import InvalidRequest
+from rsafe_proxy.guard.conversation import TOOLS, Turn
 
 Kind = Literal["chat", "completion", "responses"]
 
@@ -153,20 +155,74 @@ def message_text(content: str | list[ContentPart] | None) -> str:
     return "\n".join(part.text for part in content if part.text)
 
 
-# Roles whose text the input screen judges: what the caller wrote. Assistant turns are the model's own
-# (screened when they were produced); tool results are data, not the caller's request.
-SCREENED_ROLES = frozenset({"user", "system", "developer"})
+def turn_text(message: dict[str, Any]) -> str:
+    """Everything a model reads in one message or input item: text and text parts, refusals, reasoning, tool
+    calls as `name(arguments)`, tool outputs; not metadata (ids, roles, types) nor binary payloads (images,
+    audio), which no guard reads (see channels.read)."""
+    return "\n".join(channels.read(message, call=call_text).texts)
 
 
-def user_turns(kind: Kind, request: ChatRequest | CompletionRequest) -> list[str]:
-    """The texts the input screen judges: every user, system and developer turn, or every prompt."""
+def request_turns(request: ChatRequest | CompletionRequest) -> list[Turn]:
+    """The turns the input screen judges, in order: every message whatever its role (what the caller wrote,
+    the tool and function results it passes on, the assistant turns it supplies, a prefill last), or every
+    prompt of a completion. A policy may narrow the roles (`input_roles`)."""
     if isinstance(request, CompletionRequest):
-        return [request.prompt] if isinstance(request.prompt, str) else list(request.prompt)
-    return [
-        text
-        for message in request.messages
-        if message.role in SCREENED_ROLES and (text := message_text(message.content))
-    ]
+        prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
+        return [Turn("user", prompt, position) for position, prompt in enumerate(prompts) if prompt]
+    turns = (
+        Turn(message.role, turn_text(message.model_dump()), position)
+        for position, message in enumerate(request.messages)
+    )
+    return [turn for turn in turns if turn.text]
+
+
+# What a model reads of a tool or an answer schema: names and descriptions, and the schemas (their property
+# descriptions are instructions too). Never an MCP tool's headers, authorization or URL: credentials stay out
+# of the guard's prompt and its reasoning.
+_TOOL_TEXTS = ("name", "description", "server_label", "server_description", "definition")
+_TOOL_SCHEMAS = ("parameters", "schema", "input_schema")
+_TOOL_NESTED = ("function", "json_schema", "format", "tools")
+
+
+def _tool_texts(value: Any) -> list[str]:
+    if isinstance(value, list):
+        return [text for element in value for text in _tool_texts(element)]
+    if not isinstance(value, dict):
+        return []
+    found = [str(value[key]) for key in _TOOL_TEXTS if isinstance(value.get(key), str) and value[key]]
+    found += [json.dumps(value[key], ensure_ascii=False) for key in _TOOL_SCHEMAS if isinstance(value.get(key), dict)]
+    return found + [text for key in _TOOL_NESTED for text in _tool_texts(value.get(key))]
+
+
+def offered_tools(body: dict[str, Any]) -> Turn | None:
+    """The tool definitions and answer schema a chat or Responses request offers the model (`tools`,
+    `functions`, `response_format`, `text.format`), as one turn judged on its own; None without any."""
+    text = "\n".join(_tool_texts([body.get(key) for key in ("tools", "functions", "response_format", "text")]))
+    return Turn(TOOLS, text, -2) if text else None
+
+
+def rewritten_message(message: dict[str, Any], instruction: str) -> dict[str, Any]:
+    """A chat message whose only text is `instruction`: its content replaced, its other text (refusal,
+    reasoning, a participant name, audio) dropped, its tool calls kept with empty arguments so that the tool
+    results answering them still match."""
+    role = message.get("role")
+    kept = ("role", "tool_call_id", "name") if role == "function" else ("role", "tool_call_id")
+    new: dict[str, Any] = {key: message[key] for key in kept if key in message}
+    new["content"] = instruction
+    calls = message.get("tool_calls")
+    if isinstance(calls, list) and calls:
+        new["tool_calls"] = [_emptied(call) for call in calls]
+    if isinstance(message.get("function_call"), dict):
+        new["function_call"] = {"name": message["function_call"].get("name", ""), "arguments": "{}"}
+    return new
+
+
+def _emptied(call: Any) -> Any:
+    if not isinstance(call, dict):
+        return call
+    function = call.get("function")
+    name = function.get("name", "") if isinstance(function, dict) else ""
+    return {**{key: call[key] for key in ("id", "type") if key in call}, "function": {"name": name, "arguments": "{}"}}
 
 
 def last_prompt(request: ChatRequest | CompletionRequest) -> str:
@@ -177,53 +233,78 @@ def last_prompt(request: ChatRequest | CompletionRequest) -> str:
     return users[-1] if users else ""
 
 
-# Every field of an answer that carries text to the client: reasoning models' traces included (vLLM sends
-# `reasoning_content`, others `reasoning`), or unsafe text would pass in them unscreened.
-_TEXT_FIELDS = ("reasoning_content", "reasoning", "content", "refusal")
-
-
 def call_text(function: object) -> str:
     """A function or tool call as the guard reads it: `name(arguments)`."""
     found: dict[str, Any] = function if isinstance(function, dict) else {}
     return f"{found.get('name', '')}({found.get('arguments', '')})"
 
 
+def read_choice(kind: Kind, choice: dict[str, Any], streamed: bool = False) -> channels.Reading:
+    """Every channel of one choice, the message or delta and the choice's own extras: content, refusal,
+    reasoning (`reasoning_content`, `reasoning`), tool and function calls, audio transcripts, annotations, and
+    any field a provider adds; audio data and other binary payloads are set apart (see channels.read)."""
+    return channels.read(choice, call=None if streamed else call_text, streamed=streamed)
+
+
+def read_extras(answer: dict[str, Any], streamed: bool = False) -> channels.Reading:
+    """The text a provider adds to an answer or chunk beside its choices (its value has no `choices`)."""
+    rest = {key: value for key, value in answer.items() if key != "choices"}
+    return channels.read(rest, call=None if streamed else call_text, streamed=streamed)
+
+
+def without_extras(answer: dict[str, Any]) -> dict[str, Any]:
+    """The answer with only its metadata and choices: what remains when the choice its extras were judged
+    with is replaced."""
+    return {key: value for key, value in answer.items() if key == "choices" or key in channels.METADATA}
+
+
 def choice_text(kind: Kind, choice: dict[str, Any]) -> str:
-    """The text of one choice of a non-streamed answer, tool-call arguments included."""
-    if kind == "completion":
-        return str(choice.get("text") or "")
-    message = choice.get("message") or {}
-    parts = [message.get(name) or "" for name in _TEXT_FIELDS]
-    for call in message.get("tool_calls") or []:
-        parts.append(call_text(call.get("function") if isinstance(call, dict) else None))
-    legacy = message.get("function_call")  # the deprecated `functions` API still answers this way
-    if isinstance(legacy, dict):
-        parts.append(call_text(legacy))
-    return "\n".join(str(part) for part in parts if part)
+    """The text of one choice of a non-streamed answer, tool calls as `name(arguments)`."""
+    return "\n".join(read_choice(kind, choice).texts)
 
 
 def delta_text(kind: Kind, choice: dict[str, Any]) -> str:
-    """The text added by one choice of a streamed chunk, tool-call arguments included."""
-    if kind == "completion":
-        return str(choice.get("text") or "")
-    delta = choice.get("delta") or {}
-    parts = [delta.get(name) or "" for name in _TEXT_FIELDS]
-    for call in delta.get("tool_calls") or []:
-        function = (call.get("function") or {}) if isinstance(call, dict) else {}
-        parts.append(str(function.get("name") or "") + str(function.get("arguments") or ""))
-    legacy = delta.get("function_call")
-    if isinstance(legacy, dict):
-        parts.append(str(legacy.get("name") or "") + str(legacy.get("arguments") or ""))
-    return "".join(str(part) for part in parts if part)
+    """The text added by one choice of a streamed chunk, tool-call names and arguments included."""
+    return "".join(read_choice(kind, choice, streamed=True).texts)
+
+
+def chunk_texts(kind: Kind, data: dict[str, Any]) -> tuple[list[tuple[int, str]], tuple[str, ...], dict[str, Any]]:
+    """(choice index, text) for the text a streamed chunk adds (a provider's extras count for its first
+    choice), where its binary payloads were, and the chunk without them (the same object when there were none)."""
+    texts: list[tuple[int, str]] = []
+    unjudged: list[str] = []
+    choices: list[Any] = []
+    for position, choice in enumerate(data.get("choices") or []):
+        if not isinstance(choice, dict):
+            choices.append(choice)
+            continue
+        reading = read_choice(kind, choice, streamed=True)
+        texts.append((choice_index(choice), "".join(reading.texts)))
+        unjudged += [f"choices.{position}.{path}" for path in reading.unjudged]
+        choices.append(reading.value)
+    extras = read_extras(data, streamed=True)
+    if extras.texts:
+        texts.append((texts[0][0] if texts else 0, "".join(extras.texts)))
+    unjudged += extras.unjudged
+    if not unjudged:
+        return texts, (), data
+    rebuilt = {**extras.value, "choices": choices} if "choices" in data else extras.value
+    return texts, tuple(unjudged), rebuilt
+
+
+def choice_index(choice: dict[str, Any]) -> int:
+    """The index of a choice (0 where it has none or a malformed one)."""
+    index = choice.get("index")
+    return index if isinstance(index, int) and not isinstance(index, bool) else 0
 
 
 def replace_choice(kind: Kind, choice: dict[str, Any], message: str) -> dict[str, Any]:
-    """The choice with its content replaced by the policy's message and finish_reason content_filter."""
+    """A choice that carries only the policy's message and finish_reason content_filter: nothing of the answer
+    it replaces survives (log probabilities, annotations, audio, tool calls, reasoning, a provider's extras)."""
     if kind == "completion":
-        return {**choice, "text": message, "finish_reason": "content_filter"}
-    old = choice.get("message") or {}
-    new = {"role": old.get("role", "assistant"), "content": message}
-    return {**choice, "message": new, "finish_reason": "content_filter"}
+        return {"index": choice_index(choice), "text": message, "finish_reason": "content_filter", "logprobs": None}
+    new = {"role": "assistant", "content": message}
+    return {"index": choice_index(choice), "message": new, "finish_reason": "content_filter", "logprobs": None}
 
 
 def final_chunk(kind: Kind, template: dict[str, Any], index: int, message: str) -> dict[str, Any]:

@@ -4,12 +4,14 @@ proxy can use RSafe as a guardrail with no code: the fields the proxy reads, the
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import pydantic
 from pydantic import Field
 
-from rsafe_proxy.bodies import SCREENED_ROLES, ContentPart, Open, call_text, invalid, message_text
+from rsafe_proxy.bodies import ContentPart, Open, call_text, invalid, turn_text
+from rsafe_proxy.guard.conversation import Turn
 from rsafe_proxy.policy.decide import Decision, Outcome
 
 PATH = "/beta/litellm_basic_guardrail_api"
@@ -39,13 +41,25 @@ def validate_guardrail(body: dict[str, Any]) -> GuardrailRequest:
         raise invalid(error) from None
 
 
-def input_turns(request: GuardrailRequest) -> list[str]:
-    """What the input screen judges: the user, system and developer messages when LiteLLM sends them (its
-    texts also hold assistant turns, which the proxy does not judge as the user's), else the texts."""
-    if request.structured_messages is None:
-        return [text for text in request.texts if text]
-    messages = (message for message in request.structured_messages if message.role in SCREENED_ROLES)
-    return [text for message in messages if (text := message_text(message.content))]
+def input_turns(request: GuardrailRequest) -> list[Turn]:
+    """What the input screen judges: every structured message LiteLLM sends, whatever its role (tool results
+    and assistant turns included), then each of its texts that no message holds; without structured messages,
+    the texts (as the user's)."""
+    messages = request.structured_messages or []
+    turns = [
+        Turn(message.role, text, position)
+        for position, message in enumerate(messages)
+        if (text := turn_text(message.model_dump()))
+    ]
+    held = "\n".join(turn.text for turn in turns)
+    loose = [text for text in request.texts if text and text not in held]
+    return turns + [Turn("user", text, len(messages) + n) for n, text in enumerate(loose)]
+
+
+def judged_texts(request: GuardrailRequest, judged: Sequence[Turn]) -> list[str]:
+    """The texts of the call that the judged turns hold: those a rewrite replaces."""
+    held = [turn.text for turn in judged]
+    return [text for text in request.texts if text and any(text in turn for turn in held)]
 
 
 def output_text(request: GuardrailRequest) -> str:

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -17,22 +17,25 @@ from opentelemetry.trace import Span, SpanKind
 
 from rsafe_proxy import litellm_api, responses_api
 from rsafe_proxy.bodies import (
-    SCREENED_ROLES,
     ChatRequest,
     CompletionRequest,
     Kind,
     acts_upstream,
-    choice_text,
     encode_json,
     last_prompt,
-    message_text,
+    offered_tools,
     parse_json,
+    read_choice,
+    read_extras,
     replace_choice,
-    user_turns,
+    request_turns,
+    rewritten_message,
     validate_chat,
     validate_completion,
+    without_extras,
 )
-from rsafe_proxy.errors import ContentBlocked, GuardUnavailable, UpstreamUnavailable
+from rsafe_proxy.errors import ContentBlocked, ContentTooLong, GuardUnavailable, UpstreamUnavailable
+from rsafe_proxy.guard.conversation import TOOLS, Turn
 from rsafe_proxy.guard.protocol import Label, Side
 from rsafe_proxy.guard.screen import Screener, Verdict
 from rsafe_proxy.policy.decide import Decision, Outcome, decide
@@ -46,13 +49,30 @@ from rsafe_proxy.upstream import Upstream, forward_headers, returned_headers
 Request = ChatRequest | CompletionRequest | ResponsesRequest
 
 
-def _validated(kind: Kind, body: dict[str, Any]) -> tuple[Request, list[str], str]:
-    """The request checked for its kind, the texts the input screen judges, and the prompt an answer replies to."""
+def _validated(kind: Kind, body: dict[str, Any]) -> tuple[Request, list[Turn], str]:
+    """The request checked for its kind, the turns the input screen judges, and the prompt an answer replies to."""
     if kind == "responses":
         request = responses_api.validate_responses(body)
-        return request, responses_api.request_turns(request), responses_api.request_prompt(request)
+        return request, _offered(body, responses_api.request_turns(request)), responses_api.request_prompt(request)
     checked = validate_chat(body) if kind == "chat" else validate_completion(body)
-    return checked, user_turns(kind, checked), last_prompt(checked)
+    return checked, _offered(body, request_turns(checked)), last_prompt(checked)
+
+
+def _offered(body: dict[str, Any], turns: list[Turn]) -> list[Turn]:
+    """`turns` after the tool definitions and answer schema the request offers the model, if any."""
+    tools = offered_tools(body)
+    return turns if tools is None else [tools, *turns]
+
+
+# Which of several input decisions the request gets: the strictest (a guard error blocks before a rewrite).
+_SEVERITY: Mapping[Outcome, int] = {
+    Outcome.ALLOW: 0,
+    Outcome.GUARD_ERROR_ALLOW: 1,
+    Outcome.FLAG: 2,
+    Outcome.REWRITE: 3,
+    Outcome.GUARD_ERROR_BLOCK: 4,
+    Outcome.BLOCK: 5,
+}
 
 
 @dataclass(frozen=True)
@@ -88,13 +108,13 @@ class Call:
 
 @dataclass
 class _Screening:
-    """The state of one screened request: its parsed body, the user's turns, its span."""
+    """The state of one screened request: its parsed body, the turns the model reads, its span."""
 
     call: Call
     kind: Kind
     body: dict[str, Any]
     request: Request | None  # None for a GET of stored answers
-    turns: list[str]
+    turns: list[Turn]
     prompt: str
     span: Span
     started: float = field(default_factory=time.perf_counter)
@@ -109,7 +129,7 @@ def _json(raw: bytes) -> Any:
     """The JSON value of `raw`, or None where it is not JSON."""
     try:
         return json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
         return None
 
 
@@ -160,7 +180,12 @@ class Pipeline:
     async def screen(
         self, state: _Screening, side: Side, prompt: str, response: str | None = None
     ) -> tuple[Verdict, Decision]:
-        """One screen: a span, the guard call (or cache), the policy's decision."""
+        """One screen: a span, the guard call (or cache), the policy's decision. An answer too long to judge
+        within guard.max_segments is withheld (a prompt that long is refused by screen_input)."""
+        judging = self.screener.screen(state.call.policy, side, prompt, response, tenant=state.call.tenant.id)
+        return await self._judge(state, side, judging)
+
+    async def _judge(self, state: _Screening, side: Side, judging: Awaitable[Verdict]) -> tuple[Verdict, Decision]:
         policy, tenant = state.call.policy, state.call.tenant
         with self.recorder.span("rsafe.screen", {"rsafe.side": side.value}, parent=state.context) as span:
             guard_attributes = {
@@ -169,26 +194,50 @@ class Pipeline:
                 "rsafe.engine": self.engine_name,
             }
             with self.recorder.span(f"chat {self.engine_name}-guard", guard_attributes, kind=SpanKind.CLIENT):
-                verdict = await self.screener.screen(policy, side, prompt, response)
-            decision = decide(policy, side, verdict)
+                try:
+                    verdict = await judging
+                except ContentTooLong as error:
+                    if side is Side.INPUT:
+                        raise
+                    verdict = Verdict(Label.UNKNOWN, error=error.message)
+                    decision = Decision(Outcome.BLOCK, side, message=policy.messages.block.output)
+                else:
+                    decision = decide(policy, side, verdict)
             self.recorder.screen(span, tenant.id, policy, verdict, decision, self.engine_name)
         return verdict, decision
 
-    async def screen_input(self, state: _Screening) -> tuple[Verdict | None, Decision, list[str]]:
-        """Judge the user turns not already known to be safe; returns the verdict, decision and judged turns."""
-        policy = state.call.policy
-        pending = [
-            turn
-            for turn in state.turns
-            if (known := self.screener.known(policy, Side.INPUT, turn)) is None or known.label is not Label.SAFE
-        ]
-        if not pending:
+    async def screen_input(self, state: _Screening) -> tuple[Verdict | None, Decision, list[Turn]]:
+        """Judge the conversation unless it is known to be safe as a whole: every turn of a role the policy
+        judges, the new ones (after the longest prefix already judged safe) with all the turns before them as
+        context; and the tool definitions offered, on their own (the same ones come with every request: cached).
+        Returns the verdict, the decision and the new turns (those a rewrite replaces)."""
+        policy, tenant = state.call.policy, state.call.tenant.id
+        judged = [turn for turn in state.turns if policy.judges_role(turn.role)]
+        offered = [turn for turn in judged if turn.role == TOOLS]
+        turns = [turn for turn in judged if turn.role != TOOLS]
+        known = self.screener.known_turns(policy, turns, tenant=tenant)
+        parts = [turns] if known < len(turns) else []
+        if offered and self.screener.known_turns(policy, offered, tenant=tenant) < len(offered):
+            parts.append(offered)
+        if not parts:
             return None, Decision(Outcome.ALLOW, Side.INPUT), []
-        verdict, decision = await self.screen(state, Side.INPUT, "\n\n".join(pending))
-        if len(pending) > 1:
-            for turn in pending:
-                self.screener.remember(policy, Side.INPUT, turn, verdict)
-        return verdict, decision, pending
+        screens = [
+            self._judge(state, Side.INPUT, self.screener.screen_turns(policy, part, tenant=tenant)) for part in parts
+        ]
+        tasks = [asyncio.ensure_future(screen) for screen in screens]
+        try:
+            results = list(await asyncio.gather(*tasks))
+        finally:
+            for task in tasks:  # one refused (ContentTooLong): the other stops too
+                task.cancel()
+        if parts[-1] is offered and results[-1][1].outcome is Outcome.REWRITE:  # definitions cannot be rewritten
+            flagged = results[-1][1]
+            block = Decision(
+                Outcome.BLOCK, Side.INPUT, flagged.categories, policy.messages.block.input, flagged.attributed
+            )
+            results[-1] = (results[-1][0], block)
+        verdict, decision = max(results, key=lambda result: _SEVERITY[result[1].outcome])
+        return verdict, decision, turns[known:]
 
     # -- the upstream ---------------------------------------------------------------------------------------
 
@@ -328,31 +377,35 @@ class Pipeline:
             "x-rsafe-input": decision.outcome.value,
         }
 
-    def _rewritten(self, state: _Screening, judged: list[str], instruction: str) -> dict[str, Any]:
+    def _rewritten(self, state: _Screening, judged: list[Turn], instruction: str) -> dict[str, Any]:
+        """The body with the new turns (those judged after the known-safe conversation) replaced by the policy's
+        instruction; a turn that has no replaced form (a reasoning item, say) blocks the request instead."""
         if isinstance(state.request, ResponsesRequest):
-            return responses_api.rewritten(state.body, state.request, set(judged), instruction)
+            new = responses_api.rewritten(state.body, state.request, judged, instruction)
+            if new is None:
+                raise ContentBlocked(state.call.policy.messages.block.input, (), {"policy": state.call.policy.id})
+            return new
         body = dict(state.body)
         if not isinstance(state.request, ChatRequest):
             body["prompt"] = instruction
             return body
-        flagged = set(judged)
+        positions = {turn.position for turn in judged}
         body["messages"] = [
-            {**raw, "content": instruction}
-            if parsed.role in SCREENED_ROLES and message_text(parsed.content) in flagged
-            else raw
-            for raw, parsed in zip(body["messages"], state.request.messages, strict=True)
+            rewritten_message(raw, instruction) if position in positions else raw
+            for position, raw in enumerate(body["messages"])
         ]
         return body
 
     async def retrieve(self, call: Call, kind: Kind) -> Reply | StreamReply:
-        """GET of stored answers (a response, a chat completion, a list of them): their output is screened as
-        it was when made, so what the policy stopped then cannot be fetched later. The prompt they answered is
-        not in the request: the guard judges the output alone."""
+        """Stored answers (a response, a chat completion, a list of them), fetched or returned by another
+        operation on them (a response cancelled, a completion's metadata updated: the body goes upstream): their
+        output is screened as it was when made, so what the policy stopped then cannot be fetched later. The
+        prompt they answered is not in the request: the guard judges the output alone."""
         state = _Screening(call, kind, {}, None, [], "", self._request_span(call))
         span = state.span
         streamed = False
         try:
-            response = await self._open(state, call, None)
+            response = await self._open(state, call, call.body or None)
             headers = returned_headers(response.headers)
             if response.status_code != 200:
                 return Reply(response.status_code, await Upstream.read(response), headers)
@@ -384,13 +437,17 @@ class Pipeline:
         span = self._request_span(call)
         state = _Screening(call, "chat", body, None, litellm_api.input_turns(request), "", span)
         try:
-            judged: list[str] = []
+            judged: list[Turn] = []
             decision = Decision(Outcome.ALLOW, Side.INPUT)
             if request.input_type == "request":
-                _, decision, judged = await self.screen_input(state)
+                try:
+                    _, decision, judged = await self.screen_input(state)
+                except ContentTooLong as error:  # LiteLLM reads actions, not errors
+                    blocked = {"action": "BLOCKED", "blocked_reason": error.message}
+                    return Reply(200, json.dumps(blocked).encode(), {"content-type": "application/json"})
             elif (text := litellm_api.output_text(request)).strip():
                 _, decision = await self.screen(state, Side.OUTPUT, "", text)
-            answer = litellm_api.answer(decision, request, judged)
+            answer = litellm_api.answer(decision, request, litellm_api.judged_texts(request, judged))
             return Reply(200, json.dumps(answer).encode(), {"content-type": "application/json"})
         finally:
             span.end()
@@ -402,42 +459,77 @@ class Pipeline:
         return raw if screened is answer else json.dumps(screened).encode()
 
     async def _screened(self, state: _Screening, answer: dict[str, Any]) -> dict[str, Any]:
-        """`answer` with the choices (or the output) the policy stops replaced; the same object if none is."""
-        kind = state.kind
+        """`answer` with the choices (or the output) the policy stops replaced, and the payloads the guard cannot
+        read stripped (or, under `unjudged: block`, their choice replaced); the same object if nothing changes."""
+        kind, policy = state.kind, state.call.policy
         if kind == "responses":
-            text = responses_api.answer_text(answer)
+            output = responses_api.read_answer(answer)
+            stripped: dict[str, Any] = output.value
+            self._unjudged(state, output.unjudged)
+            if output.unjudged and policy.unjudged == "block":
+                return responses_api.stopped(answer, policy.messages.block.output)
+            text = "\n".join(output.texts)
             if not text.strip():
-                return answer
+                return stripped
             decision = (await self.screen(state, Side.OUTPUT, state.prompt, text))[1]
             if decision.outcome is Outcome.GUARD_ERROR_BLOCK:
                 raise GuardUnavailable(decision.message)
-            return answer if decision.outcome.passes else responses_api.stopped(answer, decision.message)
+            return stripped if decision.outcome.passes else responses_api.stopped(answer, decision.message)
         choices = list(answer["choices"])
-        texts = [choice_text(kind, choice) if isinstance(choice, dict) else "" for choice in choices]
+        readings = [read_choice(kind, choice) if isinstance(choice, dict) else None for choice in choices]
+        extras = read_extras(answer)  # a provider's fields beside the choices: judged with the first choice
+        texts = ["\n".join(reading.texts) if reading else "" for reading in readings] or [""]
+        texts[0] = "\n".join(part for part in (texts[0], *extras.texts) if part)
+        inner = (f"choices.{n}.{path}" for n, reading in enumerate(readings) if reading for path in reading.unjudged)
+        self._unjudged(state, extras.unjudged + tuple(inner))
+        unjudged = {n for n, reading in enumerate(readings) if reading and reading.unjudged}
+        unjudged |= {0} if extras.unjudged else set()
+        stopped: set[int] = set()
+        for position, reading in enumerate(readings):
+            if reading and reading.unjudged:
+                choices[position] = reading.value  # stripped (the policy may still block the choice below)
+        if policy.unjudged == "block":
+            for position in unjudged:
+                if position < len(choices):
+                    choices[position] = replace_choice(kind, choices[position], policy.messages.block.output)
+                texts[position] = ""
+                stopped.add(position)
         judged = [position for position, text in enumerate(texts) if text.strip()]
         results = await asyncio.gather(*(self.screen(state, Side.OUTPUT, state.prompt, texts[i]) for i in judged))
-        stopped = False
         for position, (_, decision) in zip(judged, results, strict=True):
             if decision.outcome is Outcome.GUARD_ERROR_BLOCK:
                 raise GuardUnavailable(decision.message)
             if not decision.outcome.passes:
-                choices[position] = replace_choice(kind, choices[position], decision.message)
-                stopped = True
-        return {**answer, "choices": choices} if stopped else answer
+                if position < len(choices):
+                    choices[position] = replace_choice(kind, choices[position], decision.message)
+                stopped.add(position)
+        if not unjudged and not stopped:
+            return answer
+        # the extras were judged with the first choice: they go when it is replaced
+        return {**(without_extras(answer) if 0 in stopped else extras.value), "choices": choices}
+
+    def _unjudged(self, state: _Screening, paths: tuple[str, ...]) -> None:
+        """Record where an answer carried payloads the guard cannot read (stripped or blocked by the policy)."""
+        if paths:
+            state.span.set_attribute("rsafe.unjudged", list(dict.fromkeys(paths))[:64])
+            state.span.set_attribute("rsafe.unjudged.action", state.call.policy.unjudged)
 
     async def _stream(self, state: _Screening, response: httpx.Response) -> AsyncIterator[bytes]:
-        prompt = state.prompt
+        prompt, policy = state.prompt, state.call.policy
 
         async def judge(index: int, text: str) -> Decision:
             return (await self.screen(state, Side.OUTPUT, prompt, text))[1]
 
-        windowed = WindowedScreen(state.kind, state.call.policy.stream, judge)
+        # payloads the guard cannot read are stripped, or cut the stream as a violation (policy.unjudged)
+        unjudged = Decision(Outcome.BLOCK, Side.OUTPUT, (), policy.messages.block.output)
+        windowed = WindowedScreen(state.kind, policy.stream, judge, unjudged if policy.unjudged == "block" else None)
         try:
-            async for chunk in windowed.run(sse_events(response.aiter_bytes())):
+            async for chunk in windowed.run(sse_events(Upstream.chunks(response))):
                 yield chunk
-        except httpx.HTTPError as error:
-            state.span.record_exception(error)
         finally:
             await response.aclose()
             state.span.set_attribute("rsafe.stream.windows", windowed.windows)
+            self._unjudged(state, tuple(windowed.stripped))
+            if windowed.failure is not None:  # the client got the screened text, then an error event
+                state.span.set_attribute("rsafe.stream.upstream_error", str(windowed.failure.code))
             state.span.end()

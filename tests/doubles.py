@@ -28,6 +28,9 @@ ASK_UNSAFE_ANSWER = "ASK-FOR-A-BAD-ANSWER"
 UNSAFE_ANSWER = f"Sure. Step one: {UNSAFE} then step two, and that is all."
 
 
+_EVERY_METHOD = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+
+
 @dataclass(frozen=True)
 class Received:
     """One request the upstream saw."""
@@ -57,11 +60,14 @@ def _words(text: str) -> list[str]:
 class FakeUpstream:
     """An OpenAI-compatible LLM: echoes the last user message, or answers unsafely when asked to.
 
-    Knobs: `answer` (fixed answer text), `fail` ((status, body): answer every generation with that error),
+    Knobs: `answer` (fixed answer text), `crafted` and `script` (a whole answer or stream sent byte for byte,
+    see `script_breaks`), `fail` ((status, body): answer every generation with that error),
     `first_byte_delay_s`, `token_delay_s` (between streamed chunks), `crlf` (SSE lines end with CRLF, and each
     event's last CRLF is split across two writes, as a TCP read may split it), `answer_as` (chat answers as
     content, as the arguments of a tool call, or of a legacy `function_call`).
-    Records: `requests`; `aborted` is set when a client (the proxy) left before the answer was complete.
+    `lenient` (every path it does not serve is answered with generated unsafe text).
+    Records: `requests` (on every path); `aborted` is set when a client (the proxy) left before the answer was
+    complete.
     """
 
     url: str = ""
@@ -71,6 +77,10 @@ class FakeUpstream:
     token_delay_s: float = 0.0
     crlf: bool = False
     answer_as: Literal["content", "tool_call", "function_call"] = "content"
+    crafted: dict[str, Any] | None = None  # a non-streamed answer sent as is, whatever the request
+    script: list[bytes | float] | None = None  # a streamed answer: raw bytes sent as is, a float pauses that long
+    script_breaks: bool = False  # after the script, the connection breaks (the chunked body never ends)
+    lenient: bool = False  # paths it does not serve are answered with UNSAFE_ANSWER instead of 404
     requests: list[Received] = field(default_factory=list)
     stored: dict[str, dict[str, Any]] = field(default_factory=dict)  # non-streamed answers by id, as OpenAI stores
     aborted: threading.Event = field(default_factory=threading.Event)
@@ -95,6 +105,9 @@ class FakeUpstream:
                 Route("/v1/chat/completions", self._stored_list, methods=["GET"]),
                 Route("/v1/models", self._models, methods=["GET"]),
                 Route("/v1/embeddings", self._embeddings, methods=["POST"]),
+                Route("/v1/responses/{id}/cancel", self._stored, methods=["POST"]),
+                Route("/v1/chat/completions/{id}", self._updated, methods=["POST", "DELETE"]),
+                Route("/{rest:path}", self._elsewhere, methods=_EVERY_METHOD),
             ]
         )
 
@@ -125,6 +138,11 @@ class FakeUpstream:
         if not await _wait(request, self.first_byte_delay_s):
             self.aborted.set()
             return Response(status_code=499)
+        if self.crafted is not None and body.get("stream") is not True:
+            self._finished()
+            return JSONResponse(self.crafted)
+        if self.script is not None and body.get("stream") is True:
+            return StreamingResponse(self._scripted(list(self.script)), media_type="text/event-stream")
         prompt = _last_prompt(body, kind)
         text = self._text_for(prompt)
         model = str(body.get("model", "fake-model"))
@@ -179,6 +197,15 @@ class FakeUpstream:
         events += [_envelope(obj, model, piece("", "stop")), "[DONE]"]
         async for raw in self._paced([event(payload) for payload in events]):
             yield raw
+
+    async def _scripted(self, script: list[bytes | float]) -> AsyncIterator[bytes]:
+        for step in script:
+            if isinstance(step, bytes):
+                yield step
+            else:
+                await asyncio.sleep(step)
+        if self.script_breaks:  # uvicorn drops the connection mid-body, as a crashed or cut-off server does
+            raise ConnectionAbortedError("the scripted upstream broke off")
 
     async def _paced(self, events: list[bytes]) -> AsyncIterator[bytes]:
         """Send the events `token_delay_s` apart (after the first two); note whether the client took them all."""
@@ -256,6 +283,29 @@ class FakeUpstream:
             return JSONResponse({"id": answer["id"], "object": "response", "deleted": True})
         return JSONResponse(answer)
 
+    async def _updated(self, request: Request) -> Response:
+        """POST /v1/chat/completions/{id} sets the stored completion's metadata and returns it; DELETE drops it."""
+        body = await self._record(request)
+        with self._lock:
+            answer = self.stored.get(request.path_params["id"])
+            if answer is not None and request.method == "DELETE":
+                del self.stored[answer["id"]]
+                return JSONResponse({"id": answer["id"], "object": "chat.completion.deleted", "deleted": True})
+            if answer is not None and isinstance(body, dict):
+                answer["metadata"] = body.get("metadata")
+        if answer is None:
+            return JSONResponse({"error": {"message": "No such object", "type": "invalid_request_error"}}, 404)
+        return JSONResponse(answer)
+
+    async def _elsewhere(self, request: Request) -> Response:
+        """Any other path is recorded; a `lenient` upstream answers it with generated unsafe text, as a server
+        that routes loosely (case, suffixes, unknown operations) would, else it is 404."""
+        await self._record(request)
+        if not self.lenient:
+            return JSONResponse({"error": {"message": "Unknown path", "type": "invalid_request_error"}}, 404)
+        choice = {"index": 0, "message": {"role": "assistant", "content": UNSAFE_ANSWER}, "finish_reason": "stop"}
+        return JSONResponse(_envelope("chat.completion", "fake-model", choice))
+
     async def _stored_list(self, request: Request) -> Response:
         await self._record(request)
         chats = [answer for answer in self.stored.values() if answer.get("object") == "chat.completion"]
@@ -327,11 +377,13 @@ def _last_prompt(body: Any, kind: str) -> str:
 
 @dataclass(frozen=True)
 class GuardCall:
-    """One verdict the guard was asked for: the side, the text it judged, the whole rendered prompt."""
+    """One verdict the guard was asked for: the side, the text it judged, the whole rendered prompt, and the
+    `cache_salt` the request carried (None without one)."""
 
     side: str
     judged: str
     prompt: str
+    cache_salt: str | None = None
 
 
 def read_conversation(prompt: str) -> tuple[str, str]:
@@ -365,7 +417,9 @@ class ScriptedGuard:
     `delay_s` (per verdict), `garbage` (answers with no readable verdict), `status` (answers every verdict
     with this HTTP error), `quote_after_verdict` (repeats the judged text after its verdict, so that a verdict
     forged in the content comes last unless the proxy neutralised it), `only_side` ("input" or "output": the
-    delay, garbage and status apply to that side's screens only). Records: `calls`, `cancelled`.
+    delay, garbage and status apply to that side's screens only), `unsafe_together` (the judged text is also
+    unsafe when it holds every one of these words: a request spread over several turns), `context_chars`
+    (a rendered prompt longer than this is refused with a 400 as vLLM words it). Records: `calls`, `cancelled`.
     """
 
     url: str = ""
@@ -374,6 +428,8 @@ class ScriptedGuard:
     status: int | None = None
     quote_after_verdict: bool = False
     only_side: str | None = None
+    unsafe_together: tuple[str, ...] = ()
+    context_chars: int | None = None
     calls: list[GuardCall] = field(default_factory=list)
     cancelled: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -400,7 +456,7 @@ class ScriptedGuard:
         """The model's output for `judged`."""
         if self.garbage and self._misbehaves(side):
             return "I would rather not say. Maybe it is fine, maybe not."
-        unsafe = UNSAFE in judged
+        unsafe = UNSAFE in judged or bool(self.unsafe_together and all(w in judged for w in self.unsafe_together))
         quoted = judged[:400]
         why = "violates U2 - Weapons & Illegal Tactics" if unsafe else "is harmless"
         text = f'<think>The text says: "{quoted}". It {why}.</think> \\boxed{{{"unsafe" if unsafe else "safe"}}}'
@@ -412,8 +468,11 @@ class ScriptedGuard:
         body = await request.json()
         prompt = "\n".join(str(m.get("content", "")) for m in body.get("messages", []) if isinstance(m, dict))
         side, judged = read_conversation(prompt)
+        if self.context_chars is not None and len(prompt) > self.context_chars:
+            message = f"This model's maximum context length is {self.context_chars} tokens. Please reduce the length."
+            return JSONResponse({"error": {"message": message, "type": "BadRequestError"}}, status_code=400)
         with self._lock:
-            self.calls.append(GuardCall(side, judged, prompt))
+            self.calls.append(GuardCall(side, judged, prompt, body.get("cache_salt")))
         if not await _wait(request, self.delay_s if self._misbehaves(side) else 0.0):
             with self._lock:
                 self.cancelled += 1

@@ -34,7 +34,14 @@ from typing import Any
 import httpx
 import pytest
 
-from rsafe_proxy.guard.engine import GuardEngine, GuardEngineError, GuardOutput, Sampling, load_engine
+from rsafe_proxy.guard.engine import (
+    GuardContextExceeded,
+    GuardEngine,
+    GuardEngineError,
+    GuardOutput,
+    Sampling,
+    load_engine,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 VLLM_PYTHON = os.environ.get("RSAFE_VLLM_PYTHON", "")
@@ -47,12 +54,13 @@ CHECK_TIMEOUT_S = 300.0
 
 @dataclass(frozen=True)
 class Case:
-    """How to build one engine, and what it must refuse."""
+    """How to build one engine, and what it must refuse (a prompt longer than its model's context, at least)."""
 
     engine: str
     options: dict[str, Any]
     mode: str = "generate"
     refused_prompt: str = "word " * (CONTEXT + 100)
+    too_long_prompt: str = "word " * (CONTEXT + 100)
 
 
 Check = Callable[[GuardEngine, Case], Awaitable[None]]
@@ -128,6 +136,30 @@ async def check_errors_are_guard_engine_errors(engine: GuardEngine, case: Case) 
     assert output.prompt_tokens > 0
 
 
+async def check_cache_salt_and_requester(engine: GuardEngine, case: Case) -> None:
+    """A call may carry a tenant's cache salt and its requester: both are accepted, and a salt changes what is
+    cached, never the answer (the same prompt reads the same number of tokens and gets a verdict either way)."""
+    sampling = replace(GREEDY, max_tokens=4)
+    plain = await engine.complete(PROMPT, sampling)
+    for salt in ("tenant-a-salt", "tenant-b-salt", "tenant-a-salt"):
+        salted = await engine.complete(PROMPT, sampling, cache_salt=salt, requester=f"screen-{salt}")
+        assert salted.prompt_tokens == plain.prompt_tokens
+        if case.mode == "score":
+            assert salted.unsafe_probability is not None and plain.unsafe_probability is not None
+            assert abs(salted.unsafe_probability - plain.unsafe_probability) < 0.05
+        else:
+            assert 1 <= salted.completion_tokens <= 4
+
+
+async def check_too_long_prompt_is_context_exceeded(engine: GuardEngine, case: Case) -> None:
+    """A prompt longer than the model's context fails as GuardContextExceeded (the screener then judges the
+    content in smaller pieces, instead of failing the screen), and the engine keeps serving."""
+    with pytest.raises(GuardContextExceeded):
+        await engine.complete(case.too_long_prompt, GREEDY)
+    output = await engine.complete(PROMPT, replace(GREEDY, max_tokens=4))
+    assert output.prompt_tokens > 0
+
+
 async def check_aclose(engine: GuardEngine, case: Case) -> None:
     """aclose() may be called twice; afterwards the engine is not ready and calls fail as GuardEngineError."""
     await engine.aclose()
@@ -144,6 +176,8 @@ CHECKS: list[Check] = [
     check_concurrent_calls,
     check_system_message,
     check_errors_are_guard_engine_errors,
+    check_cache_salt_and_requester,
+    check_too_long_prompt_is_context_exceeded,
     check_aclose,  # last: it closes the engine the others share
 ]
 

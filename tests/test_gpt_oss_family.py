@@ -189,7 +189,9 @@ class ScriptedSafeguard:
     name: str = "scripted-safeguard"
     calls: list[tuple[str, str | None]] = field(default_factory=list)
 
-    async def complete(self, prompt: str, sampling: Sampling, system: str | None = None) -> GuardOutput:
+    async def complete(
+        self, prompt: str, sampling: Sampling, system: str | None = None, *, cache_salt: str = "", requester: str = ""
+    ) -> GuardOutput:
         assert system is not None and "B2: Fraud & Account Takeover." in system
         assert "B2" not in prompt.split("<BEGIN CONVERSATION>")[0]
         self.calls.append((prompt, system))

@@ -178,7 +178,7 @@ def test_the_same_prompt_twice_calls_the_guard_once(proxy: Proxy, guard: Scripte
     assert guard.judged("output") == ["Echo: hello"]
 
 
-def test_earlier_turns_are_not_screened_again(proxy: Proxy, guard: ScriptedGuard) -> None:
+def test_a_new_turn_is_judged_with_the_turns_before_it(proxy: Proxy, guard: ScriptedGuard) -> None:
     conversation: list[ChatCompletionMessageParam] = [{"role": "user", "content": "first question"}]
     with proxy.client() as client:
         answer = client.chat.completions.create(model="fake-model", messages=conversation)
@@ -187,7 +187,11 @@ def test_earlier_turns_are_not_screened_again(proxy: Proxy, guard: ScriptedGuard
             {"role": "user", "content": "second question"},
         ]
         client.chat.completions.create(model="fake-model", messages=conversation)
-    assert guard.judged("input") == ["first question", "second question"]
+    # the earlier turns are context (a request split across turns is seen whole), in one guard call
+    assert guard.judged("input") == [
+        "first question",
+        "[user] first question\n[assistant] Echo: first question\n[user] second question",
+    ]
 
 
 def test_an_innocent_turn_judged_with_an_unsafe_one_is_not_blocked_later(proxy: Proxy, guard: ScriptedGuard) -> None:
@@ -200,7 +204,7 @@ def test_an_innocent_turn_judged_with_an_unsafe_one_is_not_blocked_later(proxy: 
         with pytest.raises(openai.BadRequestError):
             client.chat.completions.create(model="fake-model", messages=conversation)
         assert ask(client, "hello").choices[0].message.content == "Echo: hello"
-    assert guard.judged("input") == [f"hello\n\n{UNSAFE} now", "hello"]
+    assert guard.judged("input") == [f"[user] hello\n[assistant] Hi!\n[user] {UNSAFE} now", "hello"]
 
 
 def test_an_unsafe_verdict_is_cached_and_still_blocks(proxy: Proxy, guard: ScriptedGuard) -> None:

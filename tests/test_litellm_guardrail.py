@@ -54,7 +54,7 @@ def test_an_unsafe_request_is_blocked_with_the_policys_message(proxy: Proxy) -> 
     assert response.json() == {"action": "BLOCKED", "blocked_reason": BLOCKED_INPUT}
 
 
-def test_only_the_users_messages_are_judged_when_litellm_sends_them(proxy: Proxy, guard: ScriptedGuard) -> None:
+def test_every_message_litellm_sends_is_judged_as_one_conversation(proxy: Proxy, guard: ScriptedGuard) -> None:
     messages = [
         {"role": "system", "content": "Be brief."},
         {"role": "assistant", "content": "an earlier answer"},
@@ -63,7 +63,7 @@ def test_only_the_users_messages_are_judged_when_litellm_sends_them(proxy: Proxy
     texts = ["Be brief.", "an earlier answer", "hi"]
     response = check(proxy, {"input_type": "request", "texts": texts, "structured_messages": messages})
     assert response.json() == {"action": "NONE"}
-    assert guard.judged("input") == ["Be brief.\n\nhi"]
+    assert guard.judged("input") == ["[system] Be brief.\n[assistant] an earlier answer\n[user] hi"]
 
 
 def test_an_unsafe_response_is_blocked_tool_calls_included(proxy: Proxy, guard: ScriptedGuard) -> None:

@@ -156,8 +156,9 @@ def test_rewrite_on_input_sends_the_tenants_instruction_upstream(
     assert completion.choices[0].text == f"Echo: {instruction}"
 
     rewritten = [call.body for call in upstream.calls() if instruction in json.dumps(call.body)]
+    # the turns after the conversation known to be safe are replaced: the client's assistant turn is one of them
     assert [body["messages"] for body in rewritten[:2]] == [
-        [*conversation[:3], {"role": "user", "content": instruction}]
+        [*conversation[:2], {"role": "assistant", "content": instruction}, {"role": "user", "content": instruction}]
     ] * 2
     assert rewritten[1]["stream"] is True
     assert rewritten[2]["prompt"] == instruction

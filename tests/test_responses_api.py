@@ -64,7 +64,7 @@ def test_unsafe_input_is_blocked_before_the_upstream(
     assert upstream.calls("/v1/responses") == []
 
 
-def test_assistant_items_and_tool_outputs_are_not_judged_as_the_users(proxy: Proxy, guard: ScriptedGuard) -> None:
+def test_assistant_items_and_tool_outputs_are_judged_in_the_conversation(proxy: Proxy, guard: ScriptedGuard) -> None:
     items: Any = [
         {"role": "user", "content": "first"},
         {"role": "assistant", "content": "an earlier answer"},
@@ -73,7 +73,9 @@ def test_assistant_items_and_tool_outputs_are_not_judged_as_the_users(proxy: Pro
     ]
     with proxy.client() as client:
         client.responses.create(model="fake-model", input=items)
-    assert guard.judged("input") == ["first\n\nsecond"]
+    assert guard.judged("input") == [
+        "[user] first\n[assistant] an earlier answer\n[tool result] tool data\n[user] second"
+    ]
 
 
 def test_rewrite_replaces_the_flagged_input(make_proxy: MakeProxy, upstream: FakeUpstream, tmp_path: Path) -> None:

@@ -5,19 +5,38 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
 Value = TypeVar("Value")
+
+
+def _feed(digest: hashlib._Hash, part: str) -> None:
+    digest.update(len(part).to_bytes(8, "little"))
+    digest.update(part.encode("utf-8", "surrogatepass"))
 
 
 def cache_key(*parts: str) -> str:
     """A digest of the parts; the content itself is not kept in memory twice."""
     digest = hashlib.sha256()
     for part in parts:
-        digest.update(len(part).to_bytes(8, "little"))
-        digest.update(part.encode("utf-8", "surrogatepass"))
+        _feed(digest, part)
     return digest.hexdigest()
+
+
+def chained_keys(head: Sequence[str], items: Sequence[Sequence[str]]) -> list[str]:
+    """The key of `head` followed by the first 1, 2, ... of `items` (each item several parts), in one pass:
+    `chained_keys(h, items)[k]` is the key of a sequence's first k + 1 items, whatever follows them."""
+    digest = hashlib.sha256()
+    for part in head:
+        _feed(digest, part)
+    keys = []
+    for item in items:
+        digest.update(len(item).to_bytes(8, "little"))  # so that items of two parts never read as two items
+        for part in item:
+            _feed(digest, part)
+        keys.append(digest.copy().hexdigest())
+    return keys
 
 
 class TTLCache(Generic[Value]):

@@ -12,6 +12,10 @@ ENGINES: Mapping[str, str] = {
     "transformers": "rsafe_proxy.guard.engines.transformers:TransformersEngine",
     "vllm": "rsafe_proxy.guard.engines.vllm:VLLMEngine",
 }
+# Characters of content per guard call, by engine: the embedded model on a CPU judges shorter segments (each
+# costs it about a second, and others queue behind it); a server-hosted guard has the room and the speed.
+SEGMENT_CHARS: Mapping[str, int] = {"openai": 12_000, "transformers": 4_000, "vllm": 12_000}
+DEFAULT_SEGMENT_CHARS = 8_000
 
 
 @dataclass(frozen=True)
@@ -51,15 +55,28 @@ class GuardEngineError(Exception):
     """The engine could not produce an output (server down, timeout, model failure)."""
 
 
+class GuardContextExceeded(GuardEngineError):
+    """The prompt does not fit the guard model's context: the screener judges the content in smaller pieces."""
+
+
 @runtime_checkable
 class GuardEngine(Protocol):
-    """Turns one rendered guard prompt (a user message, after an optional system message) into the model's output."""
+    """Turns one rendered guard prompt (a user message, after an optional system message) into the model's output.
+
+    `cache_salt` names whose prompt this is for the engine's own caches (a tenant's salt): cached prompt state
+    (prefix key/value caches) is reused only between calls with the same salt, so one tenant cannot learn from
+    timing what another sent. `requester` groups the calls of one screen: an engine that queues calls serves
+    requesters in turn, so that one request's many segments do not hold up everyone else's.
+    """
 
     name: str
 
-    async def complete(self, prompt: str, sampling: Sampling, system: str | None = None) -> GuardOutput:
+    async def complete(
+        self, prompt: str, sampling: Sampling, system: str | None = None, *, cache_salt: str = "", requester: str = ""
+    ) -> GuardOutput:
         """Run the guard model on `prompt` (and `system`, for families that put the policy there); raise
-        GuardEngineError when no output can be had."""
+        GuardContextExceeded when the prompt is too long for the model, GuardEngineError when no output can be
+        had otherwise."""
         ...
 
     async def ready(self) -> bool:

@@ -1,14 +1,23 @@
-"""The screener: one verdict for (policy, side, content), from the cache or the guard engine."""
+"""The screener: one verdict for (tenant, policy, side, content), from the cache or the guard engine; long content
+in segments, conversations as a whole."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
+import secrets
 import time
+import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
-from rsafe_proxy.guard.cache import TTLCache, cache_key
-from rsafe_proxy.guard.engine import GuardEngine, GuardEngineError, GuardOutput, Sampling
+from rsafe_proxy.errors import ContentTooLong
+from rsafe_proxy.guard.cache import TTLCache, cache_key, chained_keys
+from rsafe_proxy.guard.conversation import Turn, transcript
+from rsafe_proxy.guard.engine import GuardContextExceeded, GuardEngine, GuardEngineError, GuardOutput, Sampling
 from rsafe_proxy.guard.families import Family, family, mode_problem
+from rsafe_proxy.guard.normalise import normalise, normalised_bound
 from rsafe_proxy.guard.protocol import (
     Label,
     Reading,
@@ -18,6 +27,7 @@ from rsafe_proxy.guard.protocol import (
     named_categories,
     render_prompt,
 )
+from rsafe_proxy.guard.segments import halves, segment_count, segments
 from rsafe_proxy.policy.schema import Policy
 
 
@@ -39,22 +49,104 @@ class Verdict:
 
 @dataclass(frozen=True)
 class ScreenSettings:
-    """How the screener calls the engine and reads its output."""
+    """How the screener calls the engine and reads its output.
+
+    Content longer than `segment_chars` is judged in segments overlapping by `overlap_chars`, all of them; a
+    screen that would need more than `max_segments` guard calls is refused (ContentTooLong), never passed.
+    At most `segments_in_flight` calls of one screen run at once, so one long text cannot take every slot of a
+    shared guard.
+    """
 
     mode: str = "generate"
     template: str | None = None
     score_threshold: float = 0.5
     timeout_s: float = 60.0
     sampling: Sampling = field(default_factory=Sampling)
+    segment_chars: int = 8000
+    overlap_chars: int = 200
+    max_segments: int = 64
+    segments_in_flight: int = 4
+
+    def __post_init__(self) -> None:
+        if self.segment_chars < 64 or not 0 <= self.overlap_chars < self.segment_chars // 2:
+            raise ValueError("segment_chars must be at least 64 and overlap_chars less than half of it")
+        if self.max_segments < 1 or self.segments_in_flight < 1:
+            raise ValueError("max_segments and segments_in_flight must be at least 1")
+
+
+Piece = tuple[str, str | None]  # (prompt, response) of one guard call
+
+
+@dataclass
+class _Allowance:
+    """The guard calls one screen may still make beyond its segments (an engine may ask for smaller pieces)."""
+
+    left: int
+
+    def take(self, needed: int) -> None:
+        if needed > self.left:
+            raise ContentTooLong(
+                "The content is too long to screen: it needs more guard work than one request may use."
+            )
+        self.left -= needed
+
+
+def _strictness(policy: Policy, side: Side, verdict: Verdict) -> int:
+    """How strict the decision on an unsafe verdict would be: its named categories' strictest action, or the
+    policy's default action when it names none (as decide() reads it)."""
+    actions = {category.id: category.action for category in policy.categories_for(side)}
+    named = [actions[category] for category in verdict.categories if category in actions]
+    return max(action.strictness for action in named) if named else policy.default_action.strictness
+
+
+def combine(policy: Policy, side: Side, verdicts: Sequence[Verdict]) -> Verdict:
+    """One verdict for content judged in pieces: unsafe if any piece is, else unknown if any is, else safe.
+
+    The categories are those of the unsafe pieces whose decision is the strictest, so that a piece whose
+    unsafe verdict names a mild (flag) category cannot soften another that names none (default action).
+    """
+    if len(verdicts) == 1:
+        return verdicts[0]
+    unsafe = [verdict for verdict in verdicts if verdict.label is Label.UNSAFE]
+    unknown = [verdict for verdict in verdicts if verdict.label is Label.UNKNOWN]
+    categories: tuple[str, ...] = ()
+    if unsafe:
+        label, shown = Label.UNSAFE, unsafe
+        top = max(_strictness(policy, side, verdict) for verdict in unsafe)
+        chosen = {c for v in unsafe if _strictness(policy, side, v) == top for c in v.categories}
+        categories = tuple(category.id for category in policy.categories_for(side) if category.id in chosen)
+    else:
+        label, shown = (Label.UNKNOWN, unknown) if unknown else (Label.SAFE, list(verdicts))
+    numbered = [(index, verdict) for index, verdict in enumerate(verdicts, 1) if verdict in shown]
+    probabilities = [verdict.unsafe_probability for verdict in verdicts if verdict.unsafe_probability is not None]
+    return Verdict(
+        label=label,
+        reasoning="\n\n".join(f"[segment {i} of {len(verdicts)}] {v.reasoning}" for i, v in numbered if v.reasoning),
+        categories=categories,
+        unsafe_probability=max(probabilities) if probabilities else None,
+        prompt_tokens=sum(verdict.prompt_tokens for verdict in verdicts),
+        completion_tokens=sum(verdict.completion_tokens for verdict in verdicts),
+        cached_tokens=sum(verdict.cached_tokens for verdict in verdicts),
+        cached=all(verdict.cached for verdict in verdicts),
+        error=f"{unknown[0].error} ({len(unknown)} of {len(verdicts)} segments)" if label is Label.UNKNOWN else None,
+    )
 
 
 class Screener:
-    """Renders the guard prompt for a policy, calls the engine with a timeout, reads and caches the verdict."""
+    """Renders the guard prompt for a policy, calls the engine with a timeout, reads and caches the verdict.
 
-    def __init__(self, engine: GuardEngine, settings: ScreenSettings, cache: TTLCache[Verdict]) -> None:
+    Everything cached is keyed by tenant: verdicts here, and the engine's prompt caches through a per-tenant
+    `cache_salt` derived from a secret of this screener, so that no tenant can learn from timing what another
+    sent. The guard reads a normalised view of every text (see normalise.py).
+    """
+
+    def __init__(
+        self, engine: GuardEngine, settings: ScreenSettings, cache: TTLCache[Verdict], secret: bytes | None = None
+    ) -> None:
         self.engine = engine
         self.settings = settings
         self.cache = cache
+        self._secret = secrets.token_bytes(32) if secret is None else secret
 
     def family(self, policy: Policy) -> Family:
         """The template family this policy is rendered and read with (the configured one overrides it)."""
@@ -72,6 +164,11 @@ class Screener:
         chosen = self.family(policy)
         template = load_system_template(chosen.name)
         return None if template is None else render_prompt(template, policy.category_lines(side), "", None, chosen.line)
+
+    def cache_salt(self, tenant: str) -> str:
+        """The salt of `tenant`'s calls for the engine's prefix caches: stable for a tenant, unguessable and
+        different across tenants (an HMAC of the tenant id under this screener's secret)."""
+        return hmac.new(self._secret, tenant.encode(), hashlib.sha256).hexdigest()
 
     def _sampling(self, policy: Policy) -> Sampling:
         overrides = policy.guard
@@ -96,47 +193,123 @@ class Screener:
             return Reading(Label.UNKNOWN, reading.reasoning + " [cut off at the reasoning budget]")
         return reading
 
-    def _key(self, policy: Policy, side: Side, prompt: str, response: str | None) -> str:
-        return cache_key(policy.version, side.value, self.settings.template or "", prompt, response or "")
+    def _key(self, tenant: str, policy: Policy, side: Side, piece: Piece) -> str:
+        prompt, response = piece
+        return cache_key(
+            "verdict", tenant, policy.version, side.value, self.settings.template or "", prompt, response or ""
+        )
 
-    def known(self, policy: Policy, side: Side, prompt: str, response: str | None = None) -> Verdict | None:
-        """The cached verdict for this content, if any (earlier turns of a conversation are not re-screened)."""
-        return self.cache.get(self._key(policy, side, prompt, response))
+    def _conversation_keys(self, tenant: str, policy: Policy, turns: Sequence[Turn]) -> list[str]:
+        head = ("conversation", tenant, policy.version, self.settings.template or "")
+        return chained_keys(head, [(turn.role, normalise(turn.text)) for turn in turns])
 
-    def remember(self, policy: Policy, side: Side, prompt: str, verdict: Verdict) -> None:
-        """Cache `verdict` for `prompt` too (a turn judged safe as part of a larger screen)."""
-        # only safe: an unsafe verdict on several turns says nothing about each one, and cached it would
-        # block every later request that holds an innocent turn of that conversation ("hello")
-        if verdict.label is Label.SAFE:
-            self.cache.put(self._key(policy, side, prompt, None), verdict)
+    def admit(self, texts: Sequence[str]) -> None:
+        """Refuse (ContentTooLong) texts too long to judge within max_segments, before anything normalises them:
+        NFKC can make a text 18 times longer, and it runs on the event loop."""
+        settings = self.settings
+        most = settings.max_segments * (settings.segment_chars - settings.overlap_chars) + settings.overlap_chars
+        if sum(len(text) for text in texts) > most or sum(normalised_bound(text) for text in texts) > most:
+            raise ContentTooLong(
+                f"The content is too long to screen: more than the {most} characters one request may have judged."
+            )
 
-    async def screen(self, policy: Policy, side: Side, prompt: str, response: str | None = None) -> Verdict:
-        """The verdict on `prompt` (input side) or on `response` to `prompt` (output side).
+    def known_turns(self, policy: Policy, turns: Sequence[Turn], *, tenant: str = "") -> int:
+        """How many leading turns of this conversation were already judged safe as a whole (the rest are new);
+        ContentTooLong for a conversation too long to judge."""
+        self.admit([turn.text for turn in turns])
+        keys = self._conversation_keys(tenant, policy, turns)
+        for count in range(len(keys), 0, -1):
+            known = self.cache.get(keys[count - 1])
+            if known is not None and known.label is Label.SAFE:
+                return count
+        return 0
 
-        Engine failures and timeouts give an UNKNOWN verdict with `error` set; they are not cached.
+    async def screen_turns(self, policy: Policy, turns: Sequence[Turn], *, tenant: str = "") -> Verdict:
+        """The verdict on a whole conversation (one role-labelled transcript), remembered when safe: the next
+        request that extends it knows which of its turns are new."""
+        verdict = await self.screen(policy, Side.INPUT, transcript(turns), tenant=tenant)
+        if verdict.label is Label.SAFE and turns:
+            # only the whole conversation: a safe verdict on it says nothing about any part of it on its own
+            self.cache.put(self._conversation_keys(tenant, policy, turns)[-1], verdict)
+        return verdict
+
+    def _pieces(self, side: Side, prompt: str, response: str | None) -> list[Piece]:
+        """The (prompt, response) of every guard call `content` needs: on the input side the prompt in
+        segments; on the output side the response in segments, each after the end of the prompt it answers
+        (context only: the prompt itself was judged on the input side)."""
+        size, overlap, most = self.settings.segment_chars, self.settings.overlap_chars, self.settings.max_segments
+        if side is Side.INPUT:
+            judged, context = prompt, ""
+        else:
+            judged = response or ""
+            room = size // 4
+            context = prompt if len(prompt) <= room else "…" + prompt[len(prompt) - room + 1 :]
+            size -= len(context)
+        if (count := segment_count(len(judged), size, overlap)) > most:
+            raise ContentTooLong(
+                f"The content is too long to screen: it needs {count} guard segments of {size} characters, "
+                f"more than the {most} one request may use."
+            )
+        if side is Side.INPUT:
+            return [(segment, None) for segment in segments(judged, size, overlap)]
+        return [(context, segment) for segment in segments(judged, size, overlap)]
+
+    async def screen(
+        self, policy: Policy, side: Side, prompt: str, response: str | None = None, *, tenant: str = ""
+    ) -> Verdict:
+        """The verdict on `prompt` (input side) or on `response` to `prompt` (output side), for `tenant`.
+
+        Long content is judged in segments, all of them. Engine failures and timeouts give an UNKNOWN verdict
+        with `error` set (unless a piece judged in time was unsafe); they are not cached. Content that needs
+        more than `max_segments` guard calls raises ContentTooLong.
         """
-        key = self._key(policy, side, prompt, response)
-        hit = self.cache.get(key)
-        if hit is not None:
-            return replace(hit, cached=True, seconds=0.0)
-        started = time.perf_counter()
         unreadable = mode_problem(self.settings.mode, self.family(policy))
         if unreadable is not None:  # a policy's own family (guard.template is checked with the config)
             return Verdict(Label.UNKNOWN, error=unreadable)
+        if side is Side.INPUT:
+            self.admit([prompt])
+            pieces = self._pieces(side, normalise(prompt), None)
+        else:  # the prompt is context: only its end is read, and only that end is normalised
+            self.admit([response or ""])
+            pieces = self._pieces(side, normalise(prompt[-self.settings.segment_chars :]), normalise(response or ""))
+        started = time.perf_counter()
+        call = _Call(
+            policy,
+            side,
+            tenant,
+            self.cache_salt(tenant),
+            uuid.uuid4().hex,  # this screen's calls are one requester in the engine's fair queue
+            asyncio.Semaphore(self.settings.segments_in_flight),
+            _Allowance(self.settings.max_segments - len(pieces)),
+        )
+        tasks = [asyncio.ensure_future(self._piece(call, piece)) for piece in pieces]
         try:
-            output = await asyncio.wait_for(
-                self.engine.complete(
-                    self.render(policy, side, prompt, response),
-                    self._sampling(policy),
-                    system=self.render_system(policy, side),
-                ),
-                timeout=self.settings.timeout_s,
-            )
-        except TimeoutError:
-            return Verdict(Label.UNKNOWN, seconds=time.perf_counter() - started, error="guard timed out")
-        except GuardEngineError as error:
-            return Verdict(Label.UNKNOWN, seconds=time.perf_counter() - started, error=str(error))
-        reading = self._read(output, policy, side, f"{prompt}\n{response or ''}")
+            done, _ = await asyncio.wait(tasks, timeout=self.settings.timeout_s)
+        finally:
+            for task in tasks:  # a timeout, or a caller that gave up: queued engine work is dropped
+                task.cancel()
+        failures = [error for task in done if not task.cancelled() and (error := task.exception()) is not None]
+        if failures:
+            raise failures[0]  # ContentTooLong: the engine asked for more, smaller pieces than allowed
+        timed_out = Verdict(Label.UNKNOWN, error="guard timed out")
+        verdicts = [task.result() if task in done and not task.cancelled() else timed_out for task in tasks]
+        return replace(combine(policy, side, verdicts), seconds=time.perf_counter() - started)
+
+    async def _piece(self, call: _Call, piece: Piece) -> Verdict:
+        """The verdict on one piece: cached, judged, or (when the engine finds it too long) judged in halves."""
+        key = self._key(call.tenant, call.policy, call.side, piece)
+        hit = self.cache.get(key)
+        if hit is not None:
+            return replace(hit, cached=True, seconds=0.0)
+        prompt, response = piece
+        started = time.perf_counter()
+        async with call.slots:
+            output = await self._complete(call, piece)
+        if isinstance(output, GuardContextExceeded):
+            return await self._halved(call, piece, output)
+        if isinstance(output, GuardEngineError):
+            return Verdict(Label.UNKNOWN, seconds=time.perf_counter() - started, error=str(output))
+        reading = self._read(output, call.policy, call.side, f"{prompt}\n{response or ''}")
         verdict = Verdict(
             label=reading.label,
             reasoning=reading.reasoning,
@@ -151,3 +324,51 @@ class Screener:
         if verdict.label is not Label.UNKNOWN:
             self.cache.put(key, verdict)
         return verdict
+
+    async def _complete(self, call: _Call, piece: Piece) -> GuardOutput | GuardEngineError:
+        prompt, response = piece
+        try:
+            return await self.engine.complete(
+                self.render(call.policy, call.side, prompt, response),
+                self._sampling(call.policy),
+                system=self.render_system(call.policy, call.side),
+                cache_salt=call.salt,
+                requester=call.requester,
+            )
+        except GuardEngineError as error:
+            return error
+
+    async def _halved(self, call: _Call, piece: Piece, exceeded: GuardContextExceeded) -> Verdict:
+        """A piece the engine could not take, judged in two overlapping halves (each halved again if need be); on
+        the output side the prompt's tail it is judged after (context only) shrinks too, or it might never fit."""
+        prompt, response = piece
+        overlap = self.settings.overlap_chars
+        judged, context = (prompt, "") if call.side is Side.INPUT else (response or "", prompt)
+        split, shrink = len(judged) >= 4 * overlap + 64, len(context) > 2 * overlap
+        if not (split or shrink):  # not even the policy and a short text fit: a broken guard, not long content
+            return Verdict(Label.UNKNOWN, error=f"the guard model's context is too small for the policy: {exceeded}")
+        call.allowance.take(1)
+        if shrink:
+            context = "…" + context[len(context) // 2 + 1 :]
+        parts = halves(judged, overlap) if split else [judged]
+        pieces: list[Piece] = [(part, None) if call.side is Side.INPUT else (context, part) for part in parts]
+        tasks = [asyncio.ensure_future(self._piece(call, one)) for one in pieces]
+        try:
+            verdicts = await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:  # one half refused (ContentTooLong): the other stops too
+                task.cancel()
+        return combine(call.policy, call.side, verdicts)
+
+
+@dataclass(frozen=True)
+class _Call:
+    """What every guard call of one screen shares."""
+
+    policy: Policy
+    side: Side
+    tenant: str
+    salt: str
+    requester: str
+    slots: asyncio.Semaphore
+    allowance: _Allowance

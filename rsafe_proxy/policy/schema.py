@@ -12,8 +12,10 @@ from typing import Annotated, Any, Literal, Self
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from rsafe_proxy.guard.conversation import ROLES, Role
 from rsafe_proxy.guard.families import family
 from rsafe_proxy.guard.protocol import CategoryLine, Side
+from rsafe_proxy.paths import pattern_problem
 from rsafe_proxy.yamlsource import InvalidPart
 
 
@@ -168,6 +170,31 @@ class Example(_Frozen):
     expected: Literal["safe", "unsafe"]
 
 
+class PassthroughRoute(_Frozen):
+    """A route forwarded to the upstream UNSCREENED, besides the proxy's own list of routes that generate
+    nothing (models, embeddings, moderations, deletions). List only routes that neither generate content nor
+    return stored generated content (a file's metadata: yes; a batch's output file: no). Routes the proxy
+    screens stay screened whatever this list says."""
+
+    method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] = Field(
+        description="The HTTP method (GET also admits HEAD)."
+    )
+    path: str = Field(
+        description="A canonical path under /v1/ whose segments are literal names or whole-segment "
+        "placeholders matching any one segment, e.g. /v1/files or /v1/files/{file_id}; the segment after "
+        "/v1/ is a literal. Matched case-sensitively on the canonical path.",
+        json_schema_extra={"examples": ["/v1/files", "/v1/files/{file_id}"]},
+    )
+
+    @field_validator("path")
+    @classmethod
+    def _route_pattern(cls, path: str) -> str:
+        problem = pattern_problem(path)
+        if problem is not None:
+            raise ValueError(problem)
+        return path
+
+
 class Policy(_Frozen):
     """A tenant's policy as written in its YAML file."""
 
@@ -178,16 +205,47 @@ class Policy(_Frozen):
     default_action: Action = Action.BLOCK
     messages: Messages = Messages()
     on_guard_error: Literal["block", "allow"] = "block"
+    input_roles: Annotated[tuple[Role, ...], Field(min_length=1)] = Field(
+        ROLES,
+        description="The roles of the turns the input screen judges, each turn with the conversation before it: "
+        "system, developer, user, assistant (turns the client supplies, a prefill included: their text, refusals "
+        "and tool calls), tool and function (tool results, the classic indirect prompt injection; in the "
+        "Responses API every tool output item, and the model's own items given back count as assistant). All of "
+        "them by default. 'user' cannot be left out; a turn of any role not listed here is always judged, and "
+        "so are the tool definitions and answer schema a request offers (judged on their own).",
+    )
+    unjudged: Literal["strip", "block"] = Field(
+        "strip",
+        description="What happens to the parts of a generated answer that the guard cannot read: audio without a "
+        "transcript, audio data in a stream (it runs ahead of its transcript), generated images, and any other "
+        "base64 or data: URL payload. 'strip' (the default) removes them from the answer and records their "
+        "places on the request's span (rsafe.unjudged); 'block' withholds the answer (streamed: cuts it) with "
+        "messages.block.output. Every other channel (text, refusals, reasoning, tool calls, audio transcripts, "
+        "hosted-tool items) is judged.",
+    )
     stream: StreamSettings = StreamSettings()
     reasoning: Reasoning = Reasoning()
     guard: GuardOverrides = GuardOverrides()
     examples: tuple[Example, ...] = ()
+    passthrough: tuple[PassthroughRoute, ...] = Field(
+        (),
+        description="More routes forwarded unscreened for this tenant, e.g. [{method: GET, path: /v1/files}]. "
+        "Every /v1 route the proxy neither screens nor passes through answers 404, so nothing reaches the "
+        "upstream without a verdict by default.",
+    )
 
     @field_validator("template")
     @classmethod
     def _known_family(cls, template: str) -> str:
         family(template)  # raises ValueError naming the known families
         return template
+
+    @field_validator("input_roles")
+    @classmethod
+    def _user_judged(cls, roles: tuple[str, ...]) -> tuple[str, ...]:
+        if "user" not in roles:
+            raise ValueError("must include 'user': the request itself is always judged")
+        return roles
 
     @field_validator("categories")
     @classmethod
@@ -211,6 +269,10 @@ class Policy(_Frozen):
         copy = super().model_copy(update=update, deep=deep)
         copy.__dict__.pop("version", None)
         return copy
+
+    def judges_role(self, role: str) -> bool:
+        """True when the input screen judges turns of `role` (a role the policy cannot name always is)."""
+        return role in self.input_roles or role not in ROLES
 
     def categories_for(self, side: Side) -> tuple[Category, ...]:
         """The categories screened on `side`."""

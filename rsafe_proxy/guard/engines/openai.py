@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
 import httpx
 
-from rsafe_proxy.guard.engine import GuardEngineError, GuardOutput, Sampling, chat_messages
+from rsafe_proxy.guard.engine import GuardContextExceeded, GuardEngineError, GuardOutput, Sampling, chat_messages
+
+# How OpenAI (`context_length_exceeded`) and vLLM ("maximum context length", "maximum model length") say that a
+# prompt, or a prompt and its max_tokens, does not fit the model.
+_CONTEXT_EXCEEDED = re.compile(r"context.length|maximum model length|max_model_len", re.I)
 
 
 def message_text(message: Mapping[str, Any]) -> str:
@@ -49,9 +54,12 @@ class OpenAIEngine:
             transport=transport,
         )
 
-    async def complete(self, prompt: str, sampling: Sampling, system: str | None = None) -> GuardOutput:
-        """Send the rendered prompt as the user message and return the model's text."""
-        payload = {
+    async def complete(
+        self, prompt: str, sampling: Sampling, system: str | None = None, *, cache_salt: str = "", requester: str = ""
+    ) -> GuardOutput:
+        """Send the rendered prompt as the user message and return the model's text. `cache_salt` goes with it
+        (vLLM keeps prefix-cache blocks of different salts apart); the server schedules requests itself."""
+        payload: dict[str, Any] = {
             "model": self._model,
             "messages": chat_messages(prompt, system),
             "temperature": sampling.temperature,
@@ -60,6 +68,8 @@ class OpenAIEngine:
             # vLLM's name for it; OpenAI-compatible servers ignore fields they do not know
             "repetition_penalty": sampling.repetition_penalty,
         }
+        if cache_salt:  # vLLM refuses an empty one
+            payload["cache_salt"] = cache_salt
         if self._client.is_closed:  # httpx would raise a bare RuntimeError
             raise GuardEngineError("the openai engine is closed")
         try:
@@ -68,6 +78,8 @@ class OpenAIEngine:
             raise GuardEngineError(f"guard server timed out: {type(error).__name__}") from error
         except httpx.HTTPError as error:
             raise GuardEngineError(f"guard server unreachable: {type(error).__name__}: {error}") from error
+        if response.status_code in (400, 413, 422) and _CONTEXT_EXCEEDED.search(response.text):
+            raise GuardContextExceeded(f"the guard server's context is too short: {response.text[:200]}")
         if response.status_code != 200:
             raise GuardEngineError(f"guard server answered {response.status_code}: {response.text[:200]}")
         try:

@@ -4,6 +4,9 @@ Every guard prompt of a tenant starts with the same policy, so prompts share lon
 learns them from the prompts themselves: when a prompt shares at least `min_tokens` leading tokens with one
 seen recently (or with a stored prefix), that shared part becomes a stored prefix and the engine computes its
 cache once. No template has to mark where the policy ends. Pure bookkeeping: the engine decides what a value is.
+
+Everything is kept per salt (the engine passes a tenant's): a prompt is matched only against prompts and
+prefixes of its own salt, so no tenant's screen runs faster because another tenant sent something similar.
 """
 
 from __future__ import annotations
@@ -38,8 +41,8 @@ class PrefixStore(Generic[V]):
         self._capacity = capacity
         self._tokens = 0
         self._min_tokens = min_tokens
-        self._entries: OrderedDict[Tokens, V] = OrderedDict()
-        self._recent: deque[Tokens] = deque(maxlen=memory)
+        self._entries: OrderedDict[tuple[str, Tokens], V] = OrderedDict()
+        self._recent: deque[tuple[str, Tokens]] = deque(maxlen=memory)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -49,17 +52,17 @@ class PrefixStore(Generic[V]):
         """The tokens of all stored prefixes."""
         return self._tokens
 
-    def find(self, tokens: Sequence[int]) -> tuple[Tokens, V] | None:
-        """The longest stored prefix of `tokens` that leaves at least one token after it, and its value."""
-        fitting = [prefix for prefix in self._entries if len(prefix) < len(tokens)]
+    def find(self, tokens: Sequence[int], salt: str = "") -> tuple[Tokens, V] | None:
+        """The longest prefix stored under `salt` of `tokens` that leaves at least one token after it, and its value."""
+        fitting = [prefix for own, prefix in self._entries if own == salt and len(prefix) < len(tokens)]
         matching = [prefix for prefix in fitting if tuple(tokens[: len(prefix)]) == prefix]
         if not matching:
             return None
         best = max(matching, key=len)
-        self._entries.move_to_end(best)
-        return best, self._entries[best]
+        self._entries.move_to_end((salt, best))
+        return best, self._entries[(salt, best)]
 
-    def propose(self, tokens: Sequence[int], have: int = 0) -> Tokens | None:
+    def propose(self, tokens: Sequence[int], have: int = 0, salt: str = "") -> Tokens | None:
         """A new prefix of `tokens` worth storing, or None; `tokens` is remembered for later prompts either way.
 
         A prefix is proposed when `tokens` shares at least `min_tokens` more leading tokens with a recent
@@ -67,21 +70,22 @@ class PrefixStore(Generic[V]):
         (the same content screened again) proposes nothing: what it shares with itself is not a policy.
         """
         prompt = tuple(tokens)
-        others = [other for other in (*self._recent, *self._entries) if other != prompt]
+        others = [other for own, other in (*self._recent, *self._entries) if own == salt and other != prompt]
         shared = max((shared_length(prompt, other) for other in others), default=0)
         shared = min(shared, len(prompt) - 1)  # the model must still read at least one token itself
-        if prompt not in self._recent:
-            self._recent.append(prompt)
+        if (salt, prompt) not in self._recent:
+            self._recent.append((salt, prompt))
         if shared - have < self._min_tokens or shared > self._capacity:
             return None
         return tuple(tokens[:shared])
 
-    def put(self, prefix: Tokens, value: V) -> None:
-        """Store `value` for `prefix`, dropping the least recently used prefixes while over capacity."""
-        if prefix not in self._entries:
+    def put(self, prefix: Tokens, value: V, salt: str = "") -> None:
+        """Store `value` for `prefix` under `salt`, dropping the least recently used prefixes while over capacity."""
+        key = (salt, prefix)
+        if key not in self._entries:
             self._tokens += len(prefix)
-        self._entries[prefix] = value
-        self._entries.move_to_end(prefix)
+        self._entries[key] = value
+        self._entries.move_to_end(key)
         while self._tokens > self._capacity:
-            dropped, _ = self._entries.popitem(last=False)
+            (_, dropped), _ = self._entries.popitem(last=False)
             self._tokens -= len(dropped)

@@ -3,11 +3,17 @@ prefix reuse.
 
 torch and transformers are imported when the model loads, so configuring this engine costs nothing. All model
 work runs on a single dedicated thread; the event loop only queues requests and collects results. Requests
-that arrive while a batch runs are gathered (up to `max_batch`) and run together, left-padded.
+that arrive while a batch runs are gathered (up to `max_batch`, and `max_batch_chars` of prompt) and run together,
+left-padded. They are taken fairly (fair.py): tenants in turn, and each tenant's requesters in turn, so one long
+text judged in many segments cannot hold up every other request; a request whose caller gave up is dropped.
 
 Prefix reuse: the policy part of a guard prompt is the same for every screen of a tenant. The engine learns
 such shared leading tokens (see prefix.py), computes their key/value cache once, and then reads only the rest
-of each prompt, so a verdict costs roughly the content's tokens rather than the policy's.
+of each prompt, so a verdict costs roughly the content's tokens rather than the policy's. Stored prefixes are
+salted per tenant (`cache_salt`): a tenant never reads another's, so timing tells it nothing of their prompts.
+
+A prompt longer than the model's context (its `max_position_embeddings`, with room for the answer) is refused
+with GuardContextExceeded, which the screener answers by judging the content in smaller pieces.
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rsafe_proxy.guard.embedded import embedded_adapter_dir, embedded_model_dir
-from rsafe_proxy.guard.engine import GuardEngineError, GuardOutput, Sampling, chat_messages
+from rsafe_proxy.guard.engine import GuardContextExceeded, GuardEngineError, GuardOutput, Sampling, chat_messages
+from rsafe_proxy.guard.engines.fair import FairQueue
 from rsafe_proxy.guard.engines.prefix import PrefixStore, Tokens
 
 if TYPE_CHECKING:
@@ -38,10 +45,19 @@ _TURN_ENDS = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>")
 class _Request:
     messages: list[dict[str, str]]
     sampling: Sampling
+    salt: str
     future: asyncio.Future[GuardOutput]
 
+    @property
+    def chars(self) -> int:
+        return sum(len(message["content"]) for message in self.messages)
 
-Job = tuple[list[dict[str, str]], Sampling]
+    @property
+    def live(self) -> bool:
+        return not self.future.done()  # a caller that gave up (timed out) cancelled it
+
+
+Job = tuple[list[dict[str, str]], Sampling, str]  # messages, sampling, cache salt
 
 
 class TransformersEngine:
@@ -49,7 +65,9 @@ class TransformersEngine:
 
     `mode="score"` reads P(unsafe) / (P(safe) + P(unsafe)) right after `score_prefix` in one forward pass;
     `mode="generate"` samples the model's own reasoning and answer. `prefix_cache` is how many tokens of shared
-    prompt prefixes (policies) keep their key/value cache, in all; 0 turns prefix reuse off.
+    prompt prefixes (policies) keep their key/value cache, in all; 0 turns prefix reuse off. `max_batch_chars`
+    bounds the prompt characters of one batch (at least one prompt runs), so that a request arriving while a
+    batch runs waits for a bounded time.
     """
 
     name = "transformers"
@@ -65,14 +83,15 @@ class TransformersEngine:
         threads: int | None = None,
         score_prefix: str = "<think>\n</think>\n\\boxed{",
         max_batch: int = 8,
+        max_batch_chars: int = 24_000,
         prefix_cache: int = 8192,
     ) -> None:
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, not {mode!r}")
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, not {dtype!r}")
-        if max_batch < 1 or (threads is not None and threads < 1):
-            raise ValueError("max_batch and threads must be at least 1")
+        if max_batch < 1 or max_batch_chars < 1 or (threads is not None and threads < 1):
+            raise ValueError("max_batch, max_batch_chars and threads must be at least 1")
         if prefix_cache < 0:
             raise ValueError("prefix_cache must be 0 (off) or more")
         self._options = (model, adapter, device, dtype, threads)
@@ -80,8 +99,9 @@ class TransformersEngine:
         self._mode = mode
         self._score_prefix = score_prefix
         self._max_batch = max_batch
+        self._max_batch_chars = max_batch_chars
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rsafe-guard")
-        self._queue: asyncio.Queue[_Request] = asyncio.Queue()
+        self._queue = FairQueue[_Request]()
         self._load_lock = asyncio.Lock()
         self._runner: _Runner | None = None
         self._server: asyncio.Task[None] | None = None
@@ -101,11 +121,15 @@ class TransformersEngine:
             if self._server is None:
                 self._server = asyncio.create_task(self._serve(self._runner), name="rsafe-guard-batcher")
 
-    async def complete(self, prompt: str, sampling: Sampling, system: str | None = None) -> GuardOutput:
-        """Queue `prompt` for the next batch and wait for its output."""
+    async def complete(
+        self, prompt: str, sampling: Sampling, system: str | None = None, *, cache_salt: str = "", requester: str = ""
+    ) -> GuardOutput:
+        """Queue `prompt` for a batch (fairly, under its tenant's salt and its requester) and wait for its output;
+        cancelling the wait drops it from the queue."""
         await self.start()
-        request = _Request(chat_messages(prompt, system), sampling, asyncio.get_running_loop().create_future())
-        self._queue.put_nowait(request)
+        future = asyncio.get_running_loop().create_future()
+        request = _Request(chat_messages(prompt, system), sampling, cache_salt, future)
+        self._queue.put(cache_salt, requester, request)
         return await request.future
 
     async def ready(self) -> bool:
@@ -118,20 +142,19 @@ class TransformersEngine:
         if self._server is not None:
             self._server.cancel()
             await asyncio.gather(self._server, return_exceptions=True)
-        while not self._queue.empty():
-            _fail(self._queue.get_nowait(), GuardEngineError("the transformers engine is closed"))
+        for request in self._queue.drain():
+            _fail(request, GuardEngineError("the transformers engine is closed"))
         await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
         self._runner = None
 
     async def _serve(self, runner: _Runner) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = [await self._queue.get()]
-            while len(batch) < self._max_batch and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            live = [request for request in batch if not request.future.done()]  # skip callers that gave up
+            live = await self._queue.take(
+                self._max_batch, self._max_batch_chars, size=lambda request: request.chars, live=_live
+            )
             try:
-                jobs = [(request.messages, request.sampling) for request in live]
+                jobs = [(request.messages, request.sampling, request.salt) for request in live]
                 outcomes = await loop.run_in_executor(self._executor, runner.run, jobs)
             except asyncio.CancelledError:
                 for request in live:
@@ -177,6 +200,10 @@ class TransformersEngine:
         return _Runner(model, tokenizer, self._mode, self._score_prefix, device, prefixes)
 
 
+def _live(request: _Request) -> bool:
+    return request.live
+
+
 def _fail(request: _Request, error: GuardEngineError) -> None:
     if not request.future.done():
         request.future.set_exception(error)
@@ -189,6 +216,9 @@ class _Group:
     rows: list[int]
     prefix: Tokens = ()
     cache: Any = None
+
+
+Conversation = tuple[list[dict[str, str]], str]  # messages, cache salt
 
 
 class _Runner:
@@ -219,36 +249,48 @@ class _Runner:
         vocab = tokenizer.get_vocab()
         stops.update(vocab[token] for token in (tokenizer.eos_token, *_TURN_ENDS) if token in vocab)
         self.stops = sorted(int(stop) for stop in stops)
-        window = getattr(model.config.get_text_config(), "sliding_window", None)
+        text_config = model.config.get_text_config()
+        window = getattr(text_config, "sliding_window", None)
         self.window = window if isinstance(window, int) and window > 0 else None
+        context = getattr(text_config, "max_position_embeddings", None)
+        self.context = context if isinstance(context, int) and context > 0 else None
 
     def run(self, jobs: list[Job]) -> list[GuardOutput | GuardEngineError]:
         """Outputs in job order; a failed batch is retried one by one, so one bad prompt fails alone."""
         groups: dict[Sampling | None, list[int]] = {}
-        for index, (_, sampling) in enumerate(jobs):  # score mode ignores sampling; generate batches alike ones
+        for index, (_, sampling, _) in enumerate(jobs):  # score mode ignores sampling; generate batches alike ones
             groups.setdefault(sampling if self.mode == "generate" else None, []).append(index)
         outcomes: dict[int, GuardOutput | GuardEngineError] = {}
         for key, indexes in groups.items():
-            outcomes.update(zip(indexes, self._attempt([jobs[i][0] for i in indexes], key), strict=True))
+            chosen = [(jobs[i][0], jobs[i][2]) for i in indexes]
+            outcomes.update(zip(indexes, self._attempt(chosen, key), strict=True))
         return [outcomes[i] for i in range(len(jobs))]
 
     def _attempt(
-        self, conversations: list[list[dict[str, str]]], sampling: Sampling | None
+        self, conversations: list[Conversation], sampling: Sampling | None
     ) -> list[GuardOutput | GuardEngineError]:
         try:
             return list(self._batch(conversations, sampling))
+        except GuardEngineError as exc:  # a prompt too long for the model: that one fails as such
+            if len(conversations) == 1:
+                return [exc]
         except Exception as exc:  # whatever torch or transformers raise becomes the engine's error
             if len(conversations) == 1:
                 return [GuardEngineError(f"guard model failed: {type(exc).__name__}: {exc}")]
         return [self._attempt([conversation], sampling)[0] for conversation in conversations]
 
-    def _batch(self, conversations: list[list[dict[str, str]]], sampling: Sampling | None) -> list[GuardOutput]:
+    def _batch(self, conversations: list[Conversation], sampling: Sampling | None) -> list[GuardOutput]:
         import torch
 
-        rows = [self._encode(messages) for messages in conversations]
+        rows = [self._encode(messages) for messages, _ in conversations]
+        room = max(len(tokens) for tokens in self.verdicts) if sampling is None else sampling.max_tokens
+        for row in rows:
+            if self.context is not None and len(row) + room > self.context:
+                raise GuardContextExceeded(f"{len(row)} prompt tokens and the answer do not fit in {self.context}")
+        salts = [salt for _, salt in conversations]
         outputs: dict[int, GuardOutput] = {}
         with torch.inference_mode():
-            for group in self._plan(rows, sampling):
+            for group in self._plan(rows, salts, sampling):
                 chosen = [rows[index] for index in group.rows]
                 done = self._score(chosen, group) if sampling is None else self._generate(chosen, group, sampling)
                 outputs.update(zip(group.rows, done, strict=True))
@@ -262,7 +304,7 @@ class _Runner:
             text += self.prefix
         return list(self.tokenizer.encode(text, add_special_tokens=False))  # the template places BOS itself
 
-    def _plan(self, rows: list[list[int]], sampling: Sampling | None) -> list[_Group]:
+    def _plan(self, rows: list[list[int]], salts: list[str], sampling: Sampling | None) -> list[_Group]:
         """Split rows into forward passes: those sharing a stored prefix run together on its cache.
 
         Padding between a shared prefix and the rest of a row is masked, but a sliding-window layer counts the
@@ -270,14 +312,14 @@ class _Runner:
         longest of them (and what is generated after it) fits in the window; otherwise score mode runs them
         one by one on the prefix (batching does not pay there), and generate mode batches them without it.
         """
-        shared: dict[Tokens, _Group] = {}
+        shared: dict[tuple[str, Tokens], _Group] = {}
         plain = _Group([])
-        for index, row in enumerate(rows):
-            found = self._reusable(row)
+        for index, (row, salt) in enumerate(zip(rows, salts, strict=True)):
+            found = self._reusable(row, salt)
             if found is None:
                 plain.rows.append(index)
-            else:
-                shared.setdefault(found[0], _Group([], *found)).rows.append(index)
+            else:  # rows share a pass on a prefix only within one tenant: the cache is that tenant's
+                shared.setdefault((salt, found[0]), _Group([], *found)).rows.append(index)
         extra = max(len(tokens) for tokens in self.verdicts) - 1 if sampling is None else sampling.max_tokens
         groups = []
         for group in shared.values():
@@ -290,18 +332,18 @@ class _Runner:
                 plain.rows.extend(group.rows)
         return [plain, *groups] if plain.rows else groups
 
-    def _reusable(self, row: list[int]) -> tuple[Tokens, Any] | None:
-        """The stored prefix `row` starts with (computed now if the store proposes a new one), or None."""
+    def _reusable(self, row: list[int], salt: str) -> tuple[Tokens, Any] | None:
+        """The stored prefix of `salt` that `row` starts with (computed now if the store proposes a new one)."""
         if self.prefixes is None:
             return None
-        found = self.prefixes.find(row)
-        new = self.prefixes.propose(row, have=len(found[0]) if found else 0)
+        found = self.prefixes.find(row, salt)
+        new = self.prefixes.propose(row, have=len(found[0]) if found else 0, salt=salt)
         if new is not None:
             import torch
 
             out = self.model(input_ids=torch.tensor([new], device=self.device), use_cache=True, logits_to_keep=1)
             found = (new, out[self.cache_name])
-            self.prefixes.put(*found)
+            self.prefixes.put(*found, salt=salt)
         return found
 
     def _inputs(self, rows: list[list[int]], group: _Group) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from rsafe_proxy.guard.embedded import cache_root, embedded_adapter_dir, embedded_model_dir
-from rsafe_proxy.guard.engine import GuardEngineError, GuardOutput, Sampling, chat_messages
+from rsafe_proxy.guard.engine import GuardContextExceeded, GuardEngineError, GuardOutput, Sampling, chat_messages
 
 _MODES = ("generate", "score")
 _DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -125,21 +125,37 @@ class VLLMEngine:
                 raise self._failure from exc
             self._engine, self._prompt = engine, builder
 
-    async def complete(self, prompt: str, sampling: Sampling, system: str | None = None) -> GuardOutput:
-        """Run the guard model on `prompt`; vLLM batches this call with the others in flight."""
+    async def complete(
+        self, prompt: str, sampling: Sampling, system: str | None = None, *, cache_salt: str = "", requester: str = ""
+    ) -> GuardOutput:
+        """Run the guard model on `prompt`; vLLM batches this call with the others in flight (its scheduler
+        decides the order). `cache_salt` keeps its prefix-cache blocks apart from other salts'."""
         await self.start()
         engine, builder = self._engine, self._prompt
         if engine is None or builder is None or self._closed:
             raise GuardEngineError("the vllm engine is closed")
-        return await self._run(engine, builder, chat_messages(prompt, system), sampling)
+        return await self._run(engine, builder, chat_messages(prompt, system), sampling, cache_salt)
 
     async def _run(
-        self, engine: Any, builder: _PromptBuilder, messages: list[dict[str, str]], sampling: Sampling
+        self,
+        engine: Any,
+        builder: _PromptBuilder,
+        messages: list[dict[str, str]],
+        sampling: Sampling,
+        cache_salt: str = "",
     ) -> GuardOutput:
         vllm_sampling = importlib.import_module("vllm.sampling_params")
         final_only = vllm_sampling.RequestOutputKind.FINAL_ONLY  # one output per request, not one per token
         try:
             ids = builder.encode(messages)
+        except Exception as exc:  # a conversation the chat template refuses
+            raise GuardEngineError(f"vLLM failed: {type(exc).__name__}: {exc}") from exc
+        # the room the answer needs: vLLM itself would refuse a longer prompt, or cut the answer short
+        needed = len(ids) + (1 if self._mode == "score" else sampling.max_tokens)
+        context = int(getattr(getattr(engine, "model_config", None), "max_model_len", 0) or self._args["max_model_len"])
+        if needed > context:
+            raise GuardContextExceeded(f"{len(ids)} prompt tokens and the answer do not fit vLLM's {context}")
+        try:
             if self._mode == "score":
                 params = vllm_sampling.SamplingParams(
                     max_tokens=1,
@@ -157,7 +173,10 @@ class VLLMEngine:
                     output_kind=final_only,
                 )
             final = None
-            async for output in engine.generate({"prompt_token_ids": ids}, params, uuid.uuid4().hex):
+            prompt: dict[str, Any] = {"prompt_token_ids": ids}
+            if cache_salt:  # vLLM refuses an empty one
+                prompt["cache_salt"] = cache_salt
+            async for output in engine.generate(prompt, params, uuid.uuid4().hex):
                 final = output
         except asyncio.CancelledError:
             raise  # the caller gave up; vLLM aborts the request itself
