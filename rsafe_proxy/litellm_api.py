@@ -10,7 +10,7 @@ from typing import Any, Literal
 import pydantic
 from pydantic import Field
 
-from rsafe_proxy.bodies import ContentPart, Open, call_text, invalid, turn_text
+from rsafe_proxy.bodies import ContentPart, Open, call_text, choice_text, delta_text, invalid, turn_text
 from rsafe_proxy.guard.conversation import Turn
 from rsafe_proxy.policy.decide import Decision, Outcome
 
@@ -31,6 +31,9 @@ class GuardrailRequest(Open):
     texts: list[str] = Field(default_factory=list)
     structured_messages: list[StructuredMessage] | None = None
     tool_calls: list[dict[str, Any]] | None = None
+    # RSafe's own LiteLLM guardrail (adapters/litellm) also sends the answer's choices as LiteLLM returned them
+    # (a message each, or a window of stream deltas), so every channel is read here, by the proxy's dialect
+    choices: list[dict[str, Any]] | None = None
 
 
 def validate_guardrail(body: dict[str, Any]) -> GuardrailRequest:
@@ -63,7 +66,16 @@ def judged_texts(request: GuardrailRequest, judged: Sequence[Turn]) -> list[str]
 
 
 def output_text(request: GuardrailRequest) -> str:
-    """What the output screen judges: the answer's texts and its tool calls as `name(arguments)`."""
+    """What the output screen judges: the answer's texts and its tool calls as `name(arguments)`; with
+    `choices`, every channel of them (reasoning, refusal, audio transcripts, ...) instead of the texts."""
+    if request.choices is not None:
+        streamed: dict[Any, str] = {}  # a window's deltas, joined per choice as the client joins them
+        for choice in request.choices:
+            if "delta" in choice:
+                index = choice.get("index", 0)
+                streamed[index] = streamed.get(index, "") + delta_text("chat", choice)
+        answers = [choice_text("chat", choice) for choice in request.choices if "delta" not in choice]
+        return "\n".join([*answers, *streamed.values()])
     calls = [call_text(call.get("function")) for call in request.tool_calls or []]
     return "\n".join(part for part in [*request.texts, *calls] if part)
 
@@ -77,4 +89,6 @@ def answer(decision: Decision, request: GuardrailRequest, judged: list[str]) -> 
         return {"action": "BLOCKED", "blocked_reason": decision.message}
     flagged = set(judged) if request.input_type == "request" else set(request.texts)
     replaced = [decision.message if text in flagged else text for text in request.texts]
+    if request.input_type == "response" and not replaced:  # the answer came as `choices` only
+        replaced = [decision.message]
     return {"action": "GUARDRAIL_INTERVENED", "texts": replaced}

@@ -8,6 +8,7 @@ skipped with the reason when there is none.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -263,3 +264,52 @@ def test_python_guardrail_holds_a_stream_until_its_verdict(litellm_python: str, 
         assert (text, finish) == (BLOCKED_OUTPUT, ["content_filter"])
     else:
         assert text == "Echo: hello"
+
+
+def _reasoned(reasoning: str) -> dict[str, Any]:
+    message = {"role": "assistant", "content": "A plain answer.", "reasoning_content": reasoning}
+    choice = {"index": 0, "message": message, "finish_reason": "stop"}
+    return {"id": "c1", "object": "chat.completion", "created": 1, "model": "fake-model", "choices": [choice]}
+
+
+def test_python_guardrail_judges_every_channel_of_an_answer(
+    litellm_python: str, upstream: FakeUpstream, guard: ScriptedGuard
+) -> None:
+    # the proxy's dialect reads the choice LiteLLM returned: reasoning is judged, not only the content
+    upstream.crafted = _reasoned(f"First, {UNSAFE}.")
+    raw = client(litellm_python).chat.completions.with_raw_response.create(
+        model="fake-model", messages=[{"role": "user", "content": "hello"}]
+    )
+    answer = raw.parse()
+    assert answer.choices[0].message.content == BLOCKED_OUTPUT
+    assert answer.choices[0].finish_reason == "content_filter"
+    assert UNSAFE not in raw.http_response.text
+    assert any(UNSAFE in text for text in guard.judged("output"))
+
+
+def test_python_guardrail_judges_every_channel_of_a_stream(litellm_python: str, upstream: FakeUpstream) -> None:
+    chunks = [
+        {
+            "id": "c1",
+            "object": "chat.completion.chunk",
+            "created": 1,
+            "model": "fake-model",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        }
+        for delta, finish in [
+            ({"role": "assistant", "content": ""}, None),
+            ({"reasoning_content": f"I will {UNSAFE}"}, None),
+            ({"content": "Fine."}, None),
+            ({}, "stop"),
+        ]
+    ]
+    script: list[bytes | float] = [f"data: {json.dumps(chunk)}\n\n".encode() for chunk in chunks]
+    upstream.script = [*script, b"data: [DONE]\n\n"]
+    with client(litellm_python).chat.completions.create(
+        model="fake-model", messages=[{"role": "user", "content": "hello"}], stream=True
+    ) as stream:
+        received = list(stream)
+    assert UNSAFE not in json.dumps([chunk.model_dump() for chunk in received])
+    assert [choice.finish_reason for chunk in received for choice in chunk.choices if choice.finish_reason] == [
+        "content_filter"
+    ]

@@ -57,6 +57,24 @@ def _get(value: Any, name: str) -> Any:
     return value.get(name) if isinstance(value, dict) else getattr(value, name, None)
 
 
+def _plain(value: Any) -> dict[str, Any]:
+    """A LiteLLM object (a pydantic model) or a dict as plain JSON data, for the proxy to read every channel of."""
+    dumped = value.model_dump(mode="json") if hasattr(value, "model_dump") else value
+    return dumped if isinstance(dumped, dict) else {}
+
+
+# What a replaced answer must not keep: every channel besides the policy's message (the proxy judged them all).
+_CHANNELS = ("tool_calls", "function_call", "reasoning_content", "thinking_blocks", "audio", "annotations", "refusal")
+
+
+def _emptied(message: Any, text: str) -> None:
+    """`message` (a message or a delta) with the policy's message as its only content."""
+    message.content = text
+    for name in _CHANNELS:
+        if getattr(message, name, None) is not None:
+            setattr(message, name, None)
+
+
 def _calls(tool_calls: Any) -> list[dict[str, Any]]:
     """Tool calls as the guardrail API takes them: {"function": {"name", "arguments"}}."""
     calls = []
@@ -127,12 +145,14 @@ class RSafeGuardrail(CustomGuardrail):
                 "input_type": "response",
                 "texts": [_text(_get(message, "content"))],
                 "tool_calls": _calls(_get(message, "tool_calls")),
+                "choices": [_plain(choice)],
             }
             verdict = await self._judge(body)
             if verdict.get("action") in ("BLOCKED", "GUARDRAIL_INTERVENED"):
                 replacement = verdict.get("blocked_reason") or "".join(verdict.get("texts") or [])
-                message.content = replacement
-                message.tool_calls = None
+                _emptied(message, str(replacement))
+                if getattr(choice, "logprobs", None) is not None:
+                    choice.logprobs = None  # its tokens spell the answer that was withheld
                 choice.finish_reason = "content_filter"
         return response
 
@@ -146,37 +166,30 @@ class RSafeGuardrail(CustomGuardrail):
                 yield chunk
             return
         held: list[Any] = []
-        pending = ""
+        deltas: list[dict[str, Any]] = []  # the window's choices, read by the proxy (every channel)
+        size = 0
         async for chunk in response:
             held.append(chunk)
-            pending += "".join(self._delta_text(choice) for choice in getattr(chunk, "choices", None) or [])
-            if len(pending) >= self.window_chars:
-                stopped = await self._stopped(pending)
+            for choice in getattr(chunk, "choices", None) or []:
+                deltas.append(_plain(choice))
+                size += len(str(deltas[-1].get("delta") or ""))
+            if size >= self.window_chars:
+                stopped = await self._stopped(deltas)
                 if stopped is not None:
                     yield self._final(held[-1], stopped)
                     return
                 for released in held:
                     yield released
-                held, pending = [], ""
-        stopped = await self._stopped(pending) if pending.strip() else None
+                held, deltas, size = [], [], 0
+        stopped = await self._stopped(deltas) if deltas else None
         if stopped is not None and held:
             yield self._final(held[-1], stopped)
             return
         for released in held:
             yield released
 
-    @staticmethod
-    def _delta_text(choice: Any) -> str:
-        delta = _get(choice, "delta")
-        calls = _calls(_get(delta, "tool_calls"))
-        parts = [
-            _get(delta, "content") or "",
-            *(call["function"]["name"] + call["function"]["arguments"] for call in calls),
-        ]
-        return "".join(str(part) for part in parts)
-
-    async def _stopped(self, text: str) -> str | None:
-        verdict = await self._judge({"input_type": "response", "texts": [text]})
+    async def _stopped(self, deltas: list[dict[str, Any]]) -> str | None:
+        verdict = await self._judge({"input_type": "response", "texts": [], "choices": deltas})
         if verdict.get("action") in ("BLOCKED", "GUARDRAIL_INTERVENED"):
             return str(verdict.get("blocked_reason") or "".join(verdict.get("texts") or []))
         return None
@@ -185,7 +198,8 @@ class RSafeGuardrail(CustomGuardrail):
     def _final(template: Any, message: str) -> Any:
         chunk = template.model_copy(deep=True)
         for choice in chunk.choices:
-            choice.delta.content = message
-            choice.delta.tool_calls = None
+            _emptied(choice.delta, message)
+            if getattr(choice, "logprobs", None) is not None:
+                choice.logprobs = None
             choice.finish_reason = "content_filter"
         return chunk
