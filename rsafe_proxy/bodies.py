@@ -11,9 +11,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from rsafe_proxy import channels
 from rsafe_proxy.errors import InvalidRequest
-from rsafe_proxy.guard.conversation import TOOLS, Turn
+from rsafe_proxy.guard.conversation import FIELDS, TOOLS, Turn
 
 Kind = Literal["chat", "completion", "responses"]
+# The most choices a request may ask for (OpenAI's limit), and so the most an answer may carry: each is judged on
+# its own, so more would let one answer take the shared guard from everyone.
+MAX_CHOICES = 128
 
 
 class Open(BaseModel):
@@ -42,7 +45,7 @@ class ChatRequest(Open):
     model: str
     messages: list[Message] = Field(min_length=1)
     stream: bool | None = False
-    n: int | None = Field(default=None, ge=1, le=128)
+    n: int | None = Field(default=None, ge=1, le=MAX_CHOICES)
 
 
 class CompletionRequest(Open):
@@ -51,6 +54,7 @@ class CompletionRequest(Open):
     model: str
     prompt: str | list[str]
     stream: bool | None = False
+    n: int | None = Field(default=None, ge=1, le=MAX_CHOICES)
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -92,6 +96,15 @@ def parse_json(raw: bytes) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise InvalidRequest("The request body must be a JSON object.")
     return data
+
+
+def read_json(raw: bytes) -> dict[str, Any] | None:
+    """An upstream answer or streamed event as parse_json reads a request, or None where it has no such reading:
+    what the proxy judged is what any client parser reads out of the bytes it passes on."""
+    try:
+        return parse_json(raw)
+    except InvalidRequest:
+        return None
 
 
 def encode_json(body: dict[str, Any]) -> bytes:
@@ -194,11 +207,72 @@ def _tool_texts(value: Any) -> list[str]:
     return found + [text for key in _TOOL_NESTED for text in _tool_texts(value.get(key))]
 
 
+_OFFERED = ("tools", "functions", "response_format", "text")
+
+
 def offered_tools(body: dict[str, Any]) -> Turn | None:
     """The tool definitions and answer schema a chat or Responses request offers the model (`tools`,
     `functions`, `response_format`, `text.format`), as one turn judged on its own; None without any."""
-    text = "\n".join(_tool_texts([body.get(key) for key in ("tools", "functions", "response_format", "text")]))
+    text = "\n".join(_tool_texts([body.get(key) for key in _OFFERED]))
     return Turn(TOOLS, text, -2) if text else None
+
+
+# Where each kind keeps the text read as its turns (request_turns, responses_api.request_turns).
+_TURN_KEYS: dict[Kind, frozenset[str]] = {
+    "chat": frozenset({"messages"}),
+    "completion": frozenset({"prompt"}),
+    "responses": frozenset({"input", "instructions"}),
+}
+# Request fields whose strings the model does not read as text: who asks, how to sample and stop, what to
+# return, which stored state to continue (ids), cache and routing hints. Beside channels.METADATA.
+_REQUEST_METADATA = frozenset(
+    {
+        "user",
+        "safety_identifier",
+        "metadata",
+        "stop",
+        "tool_choice",
+        "modalities",
+        "audio",
+        "stream_options",
+        "logit_bias",
+        "reasoning",
+        "reasoning_effort",
+        "verbosity",
+        "include",
+        "truncation",
+        "previous_response_id",
+        "conversation",
+        "prompt_cache_key",
+        "prompt_cache_retention",
+        "cache_salt",
+        "request_id",
+    }
+)
+
+
+def _field_texts(kind: Kind, body: dict[str, Any]) -> dict[str, tuple[str, ...]]:
+    """The strings of each request field, beside its turns and tools, that the model may read."""
+    skipped = _TURN_KEYS[kind] | _REQUEST_METADATA | channels.METADATA | frozenset(_OFFERED)
+    read = {key: channels.read(value).texts for key, value in body.items() if key not in skipped}
+    return {key: texts for key, texts in read.items() if texts}
+
+
+def request_fields(kind: Kind, body: dict[str, Any]) -> Turn | None:
+    """The text of the request's other fields, as one turn judged with the conversation (first: the next
+    request of a conversation extends it); None without any. The rule of channels.read: a field is judged unless
+    known not to carry text the model reads, so a server's own extensions are judged too (vLLM renders a
+    request's `chat_template`, its `chat_template_kwargs` and `documents` into the prompt; a completion's
+    `suffix` is read; a Responses `prompt` template is filled with its `variables`)."""
+    text = "\n".join(text for texts in _field_texts(kind, body).values() for text in texts)
+    return Turn(FIELDS, text, -3) if text else None
+
+
+def without_fields(kind: Kind, body: dict[str, Any]) -> dict[str, Any]:
+    """The body without the fields request_fields judged: what a rewrite sends when they were among the new
+    turns it replaces."""
+    judged = _field_texts(kind, body)
+    return {key: value for key, value in body.items() if key not in judged}
 
 
 def rewritten_message(message: dict[str, Any], instruction: str) -> dict[str, Any]:
@@ -239,7 +313,7 @@ def call_text(function: object) -> str:
     return f"{found.get('name', '')}({found.get('arguments', '')})"
 
 
-def read_choice(kind: Kind, choice: dict[str, Any], streamed: bool = False) -> channels.Reading:
+def read_choice(kind: Kind, choice: Any, streamed: bool = False) -> channels.Reading:
     """Every channel of one choice, the message or delta and the choice's own extras: content, refusal,
     reasoning (`reasoning_content`, `reasoning`), tool and function calls, audio transcripts, annotations, and
     any field a provider adds; audio data and other binary payloads are set apart (see channels.read)."""
@@ -247,8 +321,10 @@ def read_choice(kind: Kind, choice: dict[str, Any], streamed: bool = False) -> c
 
 
 def read_extras(answer: dict[str, Any], streamed: bool = False) -> channels.Reading:
-    """The text a provider adds to an answer or chunk beside its choices (its value has no `choices`)."""
-    rest = {key: value for key, value in answer.items() if key != "choices"}
+    """The text a provider adds to an answer or chunk beside its choices (its value has no `choices`, unless they
+    are no list: then they are read as a provider's field)."""
+    listed = isinstance(answer.get("choices"), list)
+    rest = {key: value for key, value in answer.items() if key != "choices" or not listed}
     return channels.read(rest, call=None if streamed else call_text, streamed=streamed)
 
 
@@ -274,31 +350,35 @@ def chunk_texts(kind: Kind, data: dict[str, Any]) -> tuple[list[tuple[int, str]]
     texts: list[tuple[int, str]] = []
     unjudged: list[str] = []
     choices: list[Any] = []
-    for position, choice in enumerate(data.get("choices") or []):
-        if not isinstance(choice, dict):
-            choices.append(choice)
-            continue
-        reading = read_choice(kind, choice, streamed=True)
-        texts.append((choice_index(choice), "".join(reading.texts)))
+    renumbered = False
+    listed = data.get("choices")
+    for position, choice in enumerate(listed if isinstance(listed, list) else []):
+        reading = read_choice(kind, choice, streamed=True)  # whatever it is: a string choice is text too
+        index = choice_index(choice)
+        texts.append((index, "".join(reading.texts)))
         unjudged += [f"choices.{position}.{path}" for path in reading.unjudged]
-        choices.append(reading.value)
+        value = reading.value
+        if isinstance(value, dict) and type(value.get("index")) is not int:
+            # 1.0, True, "1", none: a client groups it by its own reading, so it gets the one it was judged by
+            value, renumbered = {**value, "index": index}, True
+        choices.append(value)
     extras = read_extras(data, streamed=True)
     if extras.texts:
         texts.append((texts[0][0] if texts else 0, "".join(extras.texts)))
     unjudged += extras.unjudged
-    if not unjudged:
+    if not unjudged and not renumbered:
         return texts, (), data
-    rebuilt = {**extras.value, "choices": choices} if "choices" in data else extras.value
+    rebuilt = {**extras.value, "choices": choices} if isinstance(listed, list) else extras.value
     return texts, tuple(unjudged), rebuilt
 
 
-def choice_index(choice: dict[str, Any]) -> int:
-    """The index of a choice (0 where it has none or a malformed one)."""
-    index = choice.get("index")
+def choice_index(choice: Any) -> int:
+    """The index of a choice (0 where it has none or a malformed one, or is no object)."""
+    index = choice.get("index") if isinstance(choice, dict) else None
     return index if isinstance(index, int) and not isinstance(index, bool) else 0
 
 
-def replace_choice(kind: Kind, choice: dict[str, Any], message: str) -> dict[str, Any]:
+def replace_choice(kind: Kind, choice: Any, message: str) -> dict[str, Any]:
     """A choice that carries only the policy's message and finish_reason content_filter: nothing of the answer
     it replaces survives (log probabilities, annotations, audio, tool calls, reasoning, a provider's extras)."""
     if kind == "completion":

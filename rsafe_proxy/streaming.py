@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rsafe_proxy import responses_api
-from rsafe_proxy.bodies import Kind, choice_index, chunk_texts, final_chunk
+from rsafe_proxy.bodies import MAX_CHOICES, Kind, choice_index, chunk_texts, final_chunk, read_json
 from rsafe_proxy.errors import ProxyError, UpstreamUnavailable
 from rsafe_proxy.policy.decide import Decision
 from rsafe_proxy.policy.schema import StreamMode, StreamSettings
@@ -61,10 +61,7 @@ def _event(raw: bytes) -> Event:
     others = [line for line in lines if not line.startswith(b"data:")]
     if payload == b"[DONE]":
         return Event(raw, None, done=True)
-    try:
-        data = json.loads(payload) if payload else None
-    except (ValueError, RecursionError):  # RecursionError: JSON nested deeper than the parser goes
-        data = None
+    data = read_json(payload) if payload else None  # one reading (no repeated keys): the client's, too
     if isinstance(data, dict):
         named = f"event: {data.get('type')}".encode()
         return Event(raw, data, plain=all(line == named for line in others))
@@ -90,6 +87,11 @@ def is_final(kind: Kind, data: dict[str, Any] | None) -> bool:
     return any(isinstance(choice, dict) and choice.get("finish_reason") for choice in data.get("choices") or [])
 
 
+def _choice_indices(data: dict[str, Any]) -> set[int]:
+    choices = data.get("choices")
+    return {choice_index(choice) for choice in choices} if isinstance(choices, list) else set()
+
+
 def _finished_choices(data: dict[str, Any]) -> set[int]:
     choices = [choice for choice in data.get("choices") or [] if isinstance(choice, dict)]
     return {choice_index(choice) for choice in choices if choice.get("finish_reason")}
@@ -111,12 +113,17 @@ class WindowedScreen:
 
     Every string of an event is judged (see channels.read); payloads the guard cannot read (audio data, images)
     are stripped, or, when `unjudged` is a decision, cut the stream with it. A stream the upstream breaks off
-    (`failure`) still ends cleanly: pending text is judged, and the client gets an error event, not [DONE]."""
+    (`failure`) still ends cleanly: pending text is judged, and the client gets an error event, not [DONE].
+    `decision_id` (the request's, as in the `x-rsafe-decision-id` header) is put in the event that ends a stopped
+    stream, as its top-level `decision_id` (the SDKs keep fields they do not know), and in the error object of an
+    error ending (`error.decision_id`, as in every error body): a client that logs events, not headers, can still
+    look the decision up."""
 
     kind: Kind
     settings: StreamSettings
     judge: Judge
     unjudged: Decision | None = None
+    decision_id: str | None = None
     choices: dict[int, _Choice] = field(default_factory=dict)
     held: list[bytes] = field(default_factory=list)
     template: dict[str, Any] = field(default_factory=dict)
@@ -126,6 +133,7 @@ class WindowedScreen:
     reader: responses_api.EventTexts = field(default_factory=responses_api.EventTexts)
     _ended: bool = False
     _finished: set[int] = field(default_factory=set)
+    _indices: set[int] = field(default_factory=set)
     _unreadable: bool = False
     _sequence: int = -1  # the Responses API numbers its events: the proxy's own continue the count
 
@@ -167,6 +175,9 @@ class WindowedScreen:
                     self._unreadable = True
                 elif event.data is not None:
                     self._finished |= _finished_choices(event.data)
+                    self._indices |= _choice_indices(event.data)
+                    if len(self._indices) > MAX_CHOICES:  # each is judged: more would take the guard from others
+                        raise UpstreamUnavailable("The upstream model's stream has more choices than one may ask for.")
                 yield event
         except ProxyError as error:
             if not self._complete:
@@ -212,8 +223,13 @@ class WindowedScreen:
 
     def _cut(self, index: int, decision: Decision) -> list[bytes]:
         if self.kind == "responses":  # its streams end with their last event, not [DONE]
-            return [self._numbered(event) for event in responses_api.stopped_events(self.template, decision.message)]
-        return [encode(final_chunk(self.kind, self.template, index, decision.message)), DONE]
+            *events, last = responses_api.stopped_events(self.template, decision.message)
+            return [self._numbered(event) for event in [*events, self._identified(last)]]
+        return [encode(self._identified(final_chunk(self.kind, self.template, index, decision.message))), DONE]
+
+    def _identified(self, event: dict[str, Any]) -> dict[str, Any]:
+        """`event` with the decision id as its top-level `decision_id` (where there is one)."""
+        return event if self.decision_id is None else {**event, "decision_id": self.decision_id}
 
     def _numbered(self, event: dict[str, Any]) -> bytes:
         if self._sequence >= 0:
@@ -224,10 +240,12 @@ class WindowedScreen:
     def _ending(self) -> bytes:
         """The end of the stream: [DONE], or, after an upstream failure, an error the SDKs raise."""
         if self.failure is not None:
+            known = {} if self.decision_id is None else {"decision_id": self.decision_id}
             if self.kind == "responses":
-                error = {"code": "server_error", "message": self.failure.message}
+                error = {"code": "server_error", "message": self.failure.message, **known}
                 return b"".join(self._numbered(event) for event in responses_api.failed_events(self.template, error))
-            return encode(self.failure.body())
+            body = self.failure.body()
+            return encode({**body, "error": {**body["error"], **known}})
         return b"" if self.kind == "responses" else DONE
 
     async def run(self, events: AsyncIterator[Event]) -> AsyncIterator[bytes]:

@@ -65,7 +65,8 @@ class FakeUpstream:
     `first_byte_delay_s`, `token_delay_s` (between streamed chunks), `crlf` (SSE lines end with CRLF, and each
     event's last CRLF is split across two writes, as a TCP read may split it), `answer_as` (chat answers as
     content, as the arguments of a tool call, or of a legacy `function_call`).
-    `lenient` (every path it does not serve is answered with generated unsafe text).
+    `lenient` (every path it does not serve is answered with generated unsafe text), `raw_answer` (a
+    non-streamed answer's bytes, sent as is with status 200: garbage or truncated JSON).
     Records: `requests` (on every path); `aborted` is set when a client (the proxy) left before the answer was
     complete.
     """
@@ -81,6 +82,7 @@ class FakeUpstream:
     script: list[bytes | float] | None = None  # a streamed answer: raw bytes sent as is, a float pauses that long
     script_breaks: bool = False  # after the script, the connection breaks (the chunked body never ends)
     lenient: bool = False  # paths it does not serve are answered with UNSAFE_ANSWER instead of 404
+    raw_answer: bytes | None = None  # a non-streamed answer sent byte for byte (200, application/json)
     requests: list[Received] = field(default_factory=list)
     stored: dict[str, dict[str, Any]] = field(default_factory=dict)  # non-streamed answers by id, as OpenAI stores
     aborted: threading.Event = field(default_factory=threading.Event)
@@ -138,6 +140,9 @@ class FakeUpstream:
         if not await _wait(request, self.first_byte_delay_s):
             self.aborted.set()
             return Response(status_code=499)
+        if self.raw_answer is not None and body.get("stream") is not True:
+            self._finished()
+            return Response(self.raw_answer, media_type="application/json")
         if self.crafted is not None and body.get("stream") is not True:
             self._finished()
             return JSONResponse(self.crafted)
@@ -419,7 +424,10 @@ class ScriptedGuard:
     forged in the content comes last unless the proxy neutralised it), `only_side` ("input" or "output": the
     delay, garbage and status apply to that side's screens only), `unsafe_together` (the judged text is also
     unsafe when it holds every one of these words: a request spread over several turns), `context_chars`
-    (a rendered prompt longer than this is refused with a 400 as vLLM words it). Records: `calls`, `cancelled`.
+    (a rendered prompt longer than this is refused with a 400 as vLLM words it), `raw_body` (answers with
+    these bytes and status 200: a body that is not JSON, or JSON cut short), `breaks_off` (sends the head and
+    half of its answer, then drops the connection); `raw_body` and `breaks_off` follow `only_side` too.
+    Records: `calls`, `cancelled`.
     """
 
     url: str = ""
@@ -430,8 +438,11 @@ class ScriptedGuard:
     only_side: str | None = None
     unsafe_together: tuple[str, ...] = ()
     context_chars: int | None = None
+    raw_body: bytes | None = None
+    breaks_off: bool = False
     calls: list[GuardCall] = field(default_factory=list)
     cancelled: int = 0
+    traceparents: list[str | None] = field(default_factory=list)  # the traceparent header of each verdict asked
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def judged(self, side: str | None = None) -> list[str]:
@@ -473,10 +484,15 @@ class ScriptedGuard:
             return JSONResponse({"error": {"message": message, "type": "BadRequestError"}}, status_code=400)
         with self._lock:
             self.calls.append(GuardCall(side, judged, prompt, body.get("cache_salt")))
+            self.traceparents.append(request.headers.get("traceparent"))
         if not await _wait(request, self.delay_s if self._misbehaves(side) else 0.0):
             with self._lock:
                 self.cancelled += 1
             return Response(status_code=499)
+        if self.raw_body is not None and self._misbehaves(side):
+            return Response(self.raw_body, media_type="application/json")
+        if self.breaks_off and self._misbehaves(side):
+            return StreamingResponse(self._broken_off(judged, side), media_type="application/json")
         if self.status is not None and self._misbehaves(side):
             return JSONResponse(
                 {"error": {"message": "guard failure", "type": "server_error"}}, status_code=self.status
@@ -497,5 +513,47 @@ class ScriptedGuard:
             }
         )
 
+    async def _broken_off(self, judged: str, side: str) -> AsyncIterator[bytes]:
+        answer = json.dumps({"choices": [{"message": {"content": self.verdict_text(judged, side)}}]}).encode()
+        yield answer[: len(answer) // 2]
+        await asyncio.sleep(0.01)
+        raise ConnectionResetError("the scripted guard broke off mid-answer")  # uvicorn drops the connection
+
     async def _models(self, request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [{"id": "scripted-guard", "object": "model"}]})
+
+
+class SlowStartEngine:
+    """A guard engine in process (`engine: tests.doubles:SlowStartEngine`) whose model takes `load_s` seconds
+    to load, as the embedded one does, then answers at once: unsafe iff the prompt contains UNSAFE. For what a
+    user sees while a guard loads (start-up lines, `check` latency apart from the load)."""
+
+    name = "slow-start"
+
+    def __init__(self, *, load_s: float = 1.0, mode: str = "generate") -> None:
+        self.load_s = load_s
+        self.mode = mode
+        self.loaded = False
+
+    async def start(self) -> None:
+        """'Load the model': wait `load_s` once."""
+        if not self.loaded:
+            await asyncio.sleep(self.load_s)
+            self.loaded = True
+
+    async def complete(
+        self, prompt: str, sampling: Any, system: str | None = None, *, cache_salt: str = "", requester: str = ""
+    ) -> Any:
+        """The verdict, after the load."""
+        from rsafe_proxy.guard.engine import GuardOutput
+
+        await self.start()
+        verdict = "unsafe" if UNSAFE in prompt else "safe"
+        return GuardOutput(text=f"<think>The text is judged.</think> \\boxed{{{verdict}}}", completion_tokens=8)
+
+    async def ready(self) -> bool:
+        """Loaded."""
+        return self.loaded
+
+    async def aclose(self) -> None:
+        """Nothing held."""

@@ -15,6 +15,9 @@ Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 ROLES: tuple[Role, ...] = get_args(Role)
 # The role of what a request tells the model about its tools and its answer's schema (judged on its own).
 TOOLS = "tools"
+# The role of the request's other fields the model reads (a request's own chat template, RAG documents, a
+# completion's suffix, a prompt template's variables): not a role a policy can switch off.
+FIELDS = "fields"
 
 # A line of content that starts like a role label would fake a turn of the transcript.
 _LABEL = re.compile(r"^([ \t]*)\[([ \t]*[A-Za-z][A-Za-z ]*[ \t]*)\]", re.M)
@@ -34,7 +37,12 @@ class Turn:
 
 
 def _label(role: str) -> str:
-    return {"tool": "tool result", "function": "function result", TOOLS: "tool definitions"}.get(role, role)
+    return {
+        "tool": "tool result",
+        "function": "function result",
+        TOOLS: "tool definitions",
+        FIELDS: "request fields",
+    }.get(role, role)
 
 
 def transcript(turns: Sequence[Turn]) -> str:

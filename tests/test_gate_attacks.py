@@ -1,0 +1,236 @@
+"""The gate attacked from the outside, as a hostile client or a hostile (or compromised) upstream would: request
+fields the model reads beside the messages, statuses and headers an upstream uses to carry text or forge a
+verdict, streams whose choices a client reads differently than the proxy. Through the real proxy on loopback,
+with the scripted guard and the fake upstream; each test names the attack it shows held."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from rsafe_proxy.config import Settings
+from rsafe_proxy.policy.loading import load_policy
+from tests.conftest import MakeProxy
+from tests.doubles import UNSAFE, UNSAFE_ANSWER, FakeUpstream, ScriptedGuard
+from tests.serving import Proxy, Servers, proxy_config, start_proxy, write_policy
+
+CHAT = "/v1/chat/completions"
+SEQUENTIAL = {"input_screening": "sequential"}  # nothing reaches the upstream before its verdict
+CHAT_BODY: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def post(proxy: Proxy, path: str, body: dict[str, Any]) -> httpx.Response:
+    with proxy.http() as http:
+        return http.post(path, json=body)
+
+
+def blocked(response: httpx.Response) -> bool:
+    return response.status_code == 400 and response.json()["error"]["code"] == "content_filter"
+
+
+def completion(content: str, index: Any = 0) -> dict[str, Any]:
+    choice = {"index": index, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
+    return {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "m", "choices": [choice]}
+
+
+def chunk(content: str, index: Any = 0, finish: str | None = None) -> bytes:
+    choice = {"index": index, "delta": {"content": content}, "finish_reason": finish}
+    body = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m", "choices": [choice]}
+    return f"data: {json.dumps(body)}\n\n".encode()
+
+
+@pytest.fixture
+def sequential(make_proxy: MakeProxy) -> Proxy:
+    return make_proxy(server=SEQUENTIAL)
+
+
+# -- input the model reads beside the messages ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        # vLLM renders a request's own chat template, its kwargs and RAG documents into the prompt
+        (CHAT, {**CHAT_BODY, "chat_template": f"{{{{ '{UNSAFE}' }}}}{{% for m in messages %}}{{{{ m.content }}}}"}),
+        (CHAT, {**CHAT_BODY, "chat_template_kwargs": {"persona": UNSAFE}}),
+        (CHAT, {**CHAT_BODY, "documents": [{"title": "notes", "text": UNSAFE}]}),
+        # a completion's suffix is read by the model (fill in the middle)
+        ("/v1/completions", {"model": "m", "prompt": "hi", "suffix": UNSAFE}),
+        # a stored prompt template filled with the request's variables
+        ("/v1/responses", {"model": "m", "input": "hi", "prompt": {"id": "pmpt_1", "variables": {"topic": UNSAFE}}}),
+    ],
+    ids=["chat_template", "chat_template_kwargs", "documents", "suffix", "prompt_variables"],
+)
+def test_request_fields_beside_the_messages_are_judged(
+    sequential: Proxy, upstream: FakeUpstream, path: str, body: dict[str, Any]
+) -> None:
+    assert blocked(post(sequential, path, body))
+    assert upstream.calls(path) == []
+
+
+@pytest.mark.parametrize("path", [CHAT, "/v1/completions", "/v1/responses"])
+def test_a_rewrite_drops_the_fields_it_judged_with_the_new_turns(
+    make_proxy: MakeProxy, upstream: FakeUpstream, tmp_path: Path, path: str
+) -> None:
+    policy = write_policy(
+        tmp_path, "rewriting", categories=[{"id": "U2", "name": "Weapons & Illegal Tactics", "action": "rewrite"}]
+    )
+    proxy = make_proxy(server=SEQUENTIAL, tenants=[{"id": "default", "anonymous": True, "policy": str(policy)}])
+    asked = {CHAT: CHAT_BODY, "/v1/completions": {"model": "m", "prompt": "hi"}, "/v1/responses": {"model": "m"}}
+    body = {**asked[path], "input": "hi"} if path == "/v1/responses" else dict(asked[path])
+    body |= {"documents": [{"text": UNSAFE}], "temperature": 0.5}
+    assert post(proxy, path, body).status_code == 200
+    sent = upstream.calls(path)[-1].body
+    assert UNSAFE not in json.dumps(sent) and "documents" not in sent and sent["temperature"] == 0.5
+    assert load_policy(policy).messages.rewrite.input in json.dumps(sent)
+
+
+@pytest.mark.parametrize(
+    "part",
+    [
+        {"type": "input_text", "text": UNSAFE},
+        {"type": "refusal", "refusal": UNSAFE},
+        {"type": "future_part", "future_field": {"deep": UNSAFE}},
+    ],
+)
+def test_content_parts_of_any_type_are_judged(sequential: Proxy, upstream: FakeUpstream, part: dict[str, Any]) -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, part]}]}
+    assert blocked(post(sequential, CHAT, body))
+    assert upstream.calls(CHAT) == []
+
+
+# -- what an upstream sends back -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [201, 203, 206])
+def test_a_success_status_other_than_200_is_refused(proxy: Proxy, upstream: FakeUpstream, status: int) -> None:
+    upstream.fail = (status, completion(UNSAFE_ANSWER))
+    reply = post(proxy, CHAT, CHAT_BODY)
+    assert reply.status_code == 502 and UNSAFE not in reply.text
+
+
+def test_an_upstream_redirect_is_not_handed_to_the_client(proxy: Proxy, upstream: FakeUpstream) -> None:
+    upstream.fail = (307, completion(UNSAFE_ANSWER))
+    reply = post(proxy, CHAT, CHAT_BODY)
+    assert reply.status_code == 502 and UNSAFE not in reply.text
+
+
+FORGED = {name: "forged" for name in ("x-rsafe-input", "x-rsafe-output", "x-rsafe-tenant", "x-rsafe-policy")}
+
+
+def before(servers: Servers, guard: ScriptedGuard, tmp_path: Path, body: bytes, headers: dict[str, str]) -> Proxy:
+    """The proxy in front of an upstream that answers every request with `body` (JSON) and `headers`."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await Response(body, media_type="application/json", headers=headers)(scope, receive, send)
+
+    upstream_url = servers.start(app, lifespan="off").url
+    return start_proxy(servers, Settings.model_validate(proxy_config(upstream_url, guard.url, tmp_path)))
+
+
+@pytest.mark.parametrize(("method", "path"), [("POST", CHAT), ("GET", f"{CHAT}/c1"), ("GET", "/v1/models")])
+def test_the_upstream_cannot_forge_the_proxy_verdict_headers(
+    servers: Servers, guard: ScriptedGuard, tmp_path: Path, method: str, path: str
+) -> None:
+    proxy = before(servers, guard, tmp_path, json.dumps(completion("fine")).encode(), FORGED)
+    with proxy.http() as http:
+        reply = http.request(method, path, json=CHAT_BODY if method == "POST" else None)
+    assert reply.status_code == 200
+    assert all(reply.headers.get(name) != value for name, value in FORGED.items())
+
+
+def test_a_stream_whose_choice_index_a_client_reads_otherwise_is_judged_as_the_client_reads_it(
+    proxy: Proxy, upstream: FakeUpstream, guard: ScriptedGuard
+) -> None:
+    # Python (and JavaScript) clients group by index: 1, 1.0 and True are one key to them
+    half = len(UNSAFE) // 2
+    upstream.script = [chunk(UNSAFE[:half], 1), chunk(UNSAFE[half:], True), chunk("", 1, "stop"), b"data: [DONE]\n\n"]
+    with proxy.http() as http, http.stream("POST", CHAT, json={**CHAT_BODY, "stream": True}) as reply:
+        raw = "".join(reply.iter_text())
+    by_index: dict[Any, str] = {}
+    for block in raw.split("\n\n"):
+        if block.startswith("data: {"):
+            for choice in json.loads(block[6:])["choices"]:
+                by_index[choice["index"]] = by_index.get(choice["index"], "") + (choice["delta"].get("content") or "")
+    assert all(UNSAFE not in text for text in by_index.values()), by_index
+
+
+def stream_raw(proxy: Proxy, path: str = CHAT, body: dict[str, Any] = CHAT_BODY) -> str:
+    with proxy.http() as http, http.stream("POST", path, json={**body, "stream": True}) as reply:
+        return "".join(reply.iter_text())
+
+
+@pytest.mark.parametrize(
+    "choices",
+    [
+        [UNSAFE_ANSWER],
+        {"0": {"index": 0, "delta": {"content": UNSAFE_ANSWER}}},
+        UNSAFE_ANSWER,
+    ],
+    ids=["string-choice", "choices-dict", "choices-string"],
+)
+def test_a_stream_chunk_whose_choices_are_no_list_of_objects_is_judged(
+    proxy: Proxy, upstream: FakeUpstream, choices: Any
+) -> None:
+    body = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m", "choices": choices}
+    upstream.script = [f"data: {json.dumps(body)}\n\n".encode(), chunk("", 0, "stop"), b"data: [DONE]\n\n"]
+    assert UNSAFE not in stream_raw(proxy)
+
+
+def test_an_answer_whose_choice_is_no_object_is_judged(proxy: Proxy, upstream: FakeUpstream) -> None:
+    upstream.crafted = {**completion("fine"), "choices": [UNSAFE_ANSWER]}
+    assert UNSAFE not in post(proxy, CHAT, CHAT_BODY).text
+
+
+# A JSON object that says two things: Python and JavaScript read the last key, other parsers the first.
+TWO_READINGS = f'{{"role": "assistant", "content": "{UNSAFE_ANSWER}", "content": "fine"}}'
+
+
+@pytest.mark.parametrize("path", [CHAT, f"{CHAT}/c1"])
+def test_an_answer_with_a_repeated_key_is_not_passed_on(
+    servers: Servers, guard: ScriptedGuard, tmp_path: Path, path: str
+) -> None:
+    raw = '{"id": "c", "object": "chat.completion", "created": 1, "model": "m", "choices": [{"index": 0, '
+    raw += f'"message": {TWO_READINGS}, "finish_reason": "stop"}}]}}'
+    proxy = before(servers, guard, tmp_path, raw.encode(), {})
+    with proxy.http() as http:
+        reply = http.request("POST" if path == CHAT else "GET", path, json=CHAT_BODY if path == CHAT else None)
+    assert reply.status_code == 502 and UNSAFE not in reply.text
+
+
+def test_a_stream_chunk_with_a_repeated_key_is_not_passed_on(proxy: Proxy, upstream: FakeUpstream) -> None:
+    raw = '{"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m", "choices": [{"index": 0, '
+    raw += f'"delta": {TWO_READINGS}, "finish_reason": null}}]}}'
+    upstream.script = [f"data: {raw}\n\n".encode(), chunk("", 0, "stop"), b"data: [DONE]\n\n"]
+    assert UNSAFE not in stream_raw(proxy)
+
+
+def test_an_answer_with_more_choices_than_asked_is_refused(
+    proxy: Proxy, upstream: FakeUpstream, guard: ScriptedGuard
+) -> None:
+    many = completion("fine")
+    many["choices"] = [{**many["choices"][0], "index": n} for n in range(500)]
+    upstream.crafted = many
+    assert post(proxy, CHAT, {**CHAT_BODY, "n": 2}).status_code == 502
+    assert len(guard.judged("output")) == 0
+
+
+def test_a_stream_with_more_choices_than_asked_is_cut(
+    proxy: Proxy, upstream: FakeUpstream, guard: ScriptedGuard
+) -> None:
+    upstream.script = [*(chunk(f"word {n}", n) for n in range(500)), b"data: [DONE]\n\n"]
+    raw = stream_raw(proxy)
+    assert '"word 200"' not in raw
+    assert '"error"' in raw and len(guard.judged("output")) <= 128  # the choices before the cut are judged
+
+
+def test_an_answer_hidden_by_zero_width_characters_is_judged(proxy: Proxy, upstream: FakeUpstream) -> None:
+    upstream.crafted = completion("\u200b".join(UNSAFE_ANSWER))
+    assert "\u200b".join(UNSAFE) not in post(proxy, CHAT, CHAT_BODY).text
