@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import time
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -13,10 +12,11 @@ from typing import Any
 import httpx
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.trace import Span, SpanKind
+from opentelemetry.trace import Span
 
 from rsafe_proxy import litellm_api, responses_api
 from rsafe_proxy.bodies import (
+    MAX_CHOICES,
     ChatRequest,
     CompletionRequest,
     Kind,
@@ -27,23 +27,28 @@ from rsafe_proxy.bodies import (
     parse_json,
     read_choice,
     read_extras,
+    read_json,
     replace_choice,
+    request_fields,
     request_turns,
     rewritten_message,
     validate_chat,
     validate_completion,
     without_extras,
+    without_fields,
 )
 from rsafe_proxy.errors import ContentBlocked, ContentTooLong, GuardUnavailable, UpstreamUnavailable
-from rsafe_proxy.guard.conversation import TOOLS, Turn
+from rsafe_proxy.guard.conversation import FIELDS, TOOLS, Turn
 from rsafe_proxy.guard.protocol import Label, Side
 from rsafe_proxy.guard.screen import Screener, Verdict
 from rsafe_proxy.policy.decide import Decision, Outcome, decide
 from rsafe_proxy.policy.schema import Policy
 from rsafe_proxy.policy.tenants import Tenant
 from rsafe_proxy.responses_api import ResponsesRequest
-from rsafe_proxy.streaming import WindowedScreen, sse_events
+from rsafe_proxy.streaming import Event, WindowedScreen, sse_events
 from rsafe_proxy.telemetry import Recorder
+from rsafe_proxy.telemetry.context import inject, waited, waiting
+from rsafe_proxy.telemetry.genai import AnswerReading, UpstreamCall
 from rsafe_proxy.upstream import Upstream, forward_headers, returned_headers
 
 Request = ChatRequest | CompletionRequest | ResponsesRequest
@@ -53,13 +58,17 @@ def _validated(kind: Kind, body: dict[str, Any]) -> tuple[Request, list[Turn], s
     """The request checked for its kind, the turns the input screen judges, and the prompt an answer replies to."""
     if kind == "responses":
         request = responses_api.validate_responses(body)
-        return request, _offered(body, responses_api.request_turns(request)), responses_api.request_prompt(request)
+        turns = _offered(kind, body, responses_api.request_turns(request))
+        return request, turns, responses_api.request_prompt(request)
     checked = validate_chat(body) if kind == "chat" else validate_completion(body)
-    return checked, _offered(body, request_turns(checked)), last_prompt(checked)
+    return checked, _offered(kind, body, request_turns(checked)), last_prompt(checked)
 
 
-def _offered(body: dict[str, Any], turns: list[Turn]) -> list[Turn]:
-    """`turns` after the tool definitions and answer schema the request offers the model, if any."""
+def _offered(kind: Kind, body: dict[str, Any], turns: list[Turn]) -> list[Turn]:
+    """`turns` after the request's other fields the model reads and the tool definitions and answer schema it
+    offers the model, if any."""
+    fields = request_fields(kind, body)
+    turns = turns if fields is None else [fields, *turns]
     tools = offered_tools(body)
     return turns if tools is None else [tools, *turns]
 
@@ -117,8 +126,7 @@ class _Screening:
     turns: list[Turn]
     prompt: str
     span: Span
-    started: float = field(default_factory=time.perf_counter)
-    upstream_seconds: float = 0.0
+    opened: dict[int, UpstreamCall] = field(default_factory=dict)  # upstream calls by id(response), until read
 
     @property
     def context(self) -> Context:
@@ -126,11 +134,9 @@ class _Screening:
 
 
 def _json(raw: bytes) -> Any:
-    """The JSON value of `raw`, or None where it is not JSON."""
-    try:
-        return json.loads(raw)
-    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
-        return None
+    """The JSON object of an upstream answer, read as a request is (one reading: an object whose keys repeat could
+    be judged in one reading and shown in another, and an answer unchanged is passed on as it came), or None."""
+    return read_json(raw)
 
 
 def _acts_upstream(kind: Kind, body: dict[str, Any]) -> bool:
@@ -144,6 +150,25 @@ def _answer(value: Any, kind: Kind) -> dict[str, Any]:
     if not isinstance(value, dict) or not isinstance(value.get("output" if kind == "responses" else "choices"), list):
         raise UpstreamUnavailable("The upstream model sent an answer the proxy cannot read.")
     return value
+
+
+async def _upstream_error(response: httpx.Response) -> bool:
+    """True for an upstream error (4xx, 5xx: passed through with its status and body), False for an answer (200).
+    Any other status (201, 206, a redirect) is no answer the proxy screens, so it is not passed on either: its
+    body could carry generated text, its Location send the client's request past the proxy."""
+    if response.status_code >= 400:
+        return True
+    if response.status_code == 200:
+        return False
+    await response.aclose()
+    raise UpstreamUnavailable(f"The upstream model answered with HTTP {response.status_code}, not with an answer.")
+
+
+async def _read_events(events: AsyncIterator[Event], reading: AnswerReading) -> AsyncIterator[Event]:
+    """`events`, what each says about the answer (model, usage, finish reasons) taken into `reading`."""
+    async for event in events:
+        reading.read(event.data)
+        yield event
 
 
 async def _discard(task: asyncio.Task[httpx.Response] | None) -> None:
@@ -187,22 +212,17 @@ class Pipeline:
 
     async def _judge(self, state: _Screening, side: Side, judging: Awaitable[Verdict]) -> tuple[Verdict, Decision]:
         policy, tenant = state.call.policy, state.call.tenant
+        # the guard calls are client spans of their own (telemetry.genai.TracedEngine): none for a cached verdict
         with self.recorder.span("rsafe.screen", {"rsafe.side": side.value}, parent=state.context) as span:
-            guard_attributes = {
-                "gen_ai.operation.name": "chat",
-                "gen_ai.system": self.engine_name,
-                "rsafe.engine": self.engine_name,
-            }
-            with self.recorder.span(f"chat {self.engine_name}-guard", guard_attributes, kind=SpanKind.CLIENT):
-                try:
-                    verdict = await judging
-                except ContentTooLong as error:
-                    if side is Side.INPUT:
-                        raise
-                    verdict = Verdict(Label.UNKNOWN, error=error.message)
-                    decision = Decision(Outcome.BLOCK, side, message=policy.messages.block.output)
-                else:
-                    decision = decide(policy, side, verdict)
+            try:
+                verdict = await judging
+            except ContentTooLong as error:
+                if side is Side.INPUT:
+                    raise
+                verdict = Verdict(Label.UNKNOWN, error=error.message)
+                decision = Decision(Outcome.BLOCK, side, message=policy.messages.block.output)
+            else:
+                decision = decide(policy, side, verdict)
             self.recorder.screen(span, tenant.id, policy, verdict, decision, self.engine_name)
         return verdict, decision
 
@@ -220,6 +240,11 @@ class Pipeline:
         if offered and self.screener.known_turns(policy, offered, tenant=tenant) < len(offered):
             parts.append(offered)
         if not parts:
+            if judged:  # known safe as a whole: the decision is recorded, as a cache hit
+                with self.recorder.span("rsafe.screen", {"rsafe.side": "input"}, parent=state.context) as span:
+                    known_safe = Verdict(Label.SAFE, cached=True)
+                    decision = Decision(Outcome.ALLOW, Side.INPUT)
+                    self.recorder.screen(span, tenant, policy, known_safe, decision, self.engine_name)
             return None, Decision(Outcome.ALLOW, Side.INPUT), []
         screens = [
             self._judge(state, Side.INPUT, self.screener.screen_turns(policy, part, tenant=tenant)) for part in parts
@@ -249,11 +274,14 @@ class Pipeline:
         return None if call.tenant.keyed else call.headers.get("authorization")
 
     async def _open(self, state: _Screening | None, call: Call, content: bytes | None) -> httpx.Response:
-        started = time.perf_counter()
+        """Send the call upstream inside its client span, which ends when the answer is read (see _read)."""
         parent = state.context if state else None
-        attributes = {"server.address": self.upstream.base_url}
-        with self.recorder.span(f"{call.method} {call.path}", attributes, kind=SpanKind.CLIENT, parent=parent):
+        base_url = call.tenant.upstream_base_url or self.upstream.base_url
+        model = state.request.model if state is not None and state.request is not None else None
+        operation = ("text_completion" if state.kind == "completion" else "chat") if state and model else None
+        with self.recorder.upstream_call(operation, model, call.method, base_url, parent) as upstream_call:
             headers = forward_headers(call.headers, self._authorization(call))
+            inject(headers)  # the proxy's own trace context, not the caller's
             if state is not None and content is not None:  # a judged body, re-encoded as JSON
                 headers = {k: v for k, v in headers.items() if k.lower() not in ("content-type", "content-encoding")}
                 headers["content-type"] = "application/json"
@@ -265,9 +293,37 @@ class Pipeline:
                 base_url=call.tenant.upstream_base_url,
                 query=call.query,
             )
-        if state is not None:
-            state.upstream_seconds += time.perf_counter() - started
+            upstream_call.answered(response.status_code)
+        if state is None:  # passed through: its span ends with the response head
+            upstream_call.done()
+        else:
+            state.opened[id(response)] = upstream_call
         return response
+
+    async def _read(self, state: _Screening, response: httpx.Response) -> bytes:
+        """The whole upstream answer (waited for); its client span ends with what the answer says."""
+        upstream_call = state.opened.pop(id(response), None)
+        try:
+            with waiting():
+                raw = await Upstream.read(response)
+        except Exception as error:
+            if upstream_call is not None:
+                upstream_call.done(error=error)
+            raise
+        if upstream_call is not None:
+            reading = AnswerReading()
+            if response.status_code == 200:
+                reading.read(_json(raw))
+            upstream_call.done(reading)
+        return raw
+
+    def _end(self, state: _Screening) -> None:
+        """End the request's span, and the spans of upstream calls it discarded unread."""
+        for upstream_call in state.opened.values():
+            upstream_call.span.set_attribute("rsafe.upstream.discarded", True)
+            upstream_call.done()
+        state.opened.clear()
+        state.span.end()
 
     async def forward(self, call: Call) -> StreamReply:
         """Any other /v1 route: passed through unscreened, streamed back as it comes."""
@@ -275,7 +331,7 @@ class Pipeline:
 
         async def body() -> AsyncIterator[bytes]:
             try:
-                async for chunk in response.aiter_raw():
+                async for chunk in waited(response.aiter_raw()):
                     yield chunk
             except httpx.HTTPError:
                 return
@@ -287,7 +343,8 @@ class Pipeline:
     # -- screened routes ------------------------------------------------------------------------------------
 
     def _request_span(self, call: Call, attributes: Mapping[str, str] | None = None) -> Span:
-        """The server span of one screened request: tenant, policy and route, and `attributes`."""
+        """The span of one screened request (a child of the HTTP server span): tenant, policy and route, and
+        `attributes`."""
         policy = call.policy
         common = {
             "rsafe.tenant": call.tenant.id,
@@ -295,9 +352,7 @@ class Pipeline:
             "rsafe.policy.version": policy.version,
             "http.route": call.path,
         }
-        return self.recorder.tracer.start_span(
-            "rsafe.request", kind=SpanKind.SERVER, attributes={**common, **(attributes or {})}
-        )
+        return self.recorder.tracer.start_span("rsafe.request", attributes={**common, **(attributes or {})})
 
     async def complete(self, call: Call, kind: Kind) -> Reply | StreamReply:
         """POST /v1/chat/completions, /v1/completions or /v1/responses, screened on both sides."""
@@ -307,10 +362,7 @@ class Pipeline:
         call = replace(call, body=encode_json(body))
         span = self._request_span(
             call,
-            {
-                "gen_ai.request.model": request.model,
-                "gen_ai.operation.name": "text_completion" if kind == "completion" else "chat",
-            },
+            {"rsafe.request.model": request.model, "rsafe.request.kind": kind},
         )
         state = _Screening(call, kind, body, request, turns, prompt, span)
         streamed = False
@@ -319,12 +371,12 @@ class Pipeline:
             streamed = isinstance(reply, StreamReply)
             return reply
         except Exception as error:
-            span.record_exception(error)
+            self.recorder.failed(span, error)  # a policy block is an outcome: no exception, no stack trace
             span.set_attribute("rsafe.error", type(error).__name__)
             raise
         finally:
             if not streamed:
-                span.end()
+                self._end(state)
 
     async def _complete(self, state: _Screening, stream: bool) -> Reply | StreamReply:
         call = state.call
@@ -356,17 +408,13 @@ class Pipeline:
             upstream = asyncio.create_task(self._open(state, call, content))
         response = await upstream
         headers = {**returned_headers(response.headers), **self._headers(state, decision)}
-        if response.status_code != 200:
-            return Reply(response.status_code, await Upstream.read(response), headers)
+        if await _upstream_error(response):
+            return Reply(response.status_code, await self._read(state, response), headers)
         if stream and response.headers.get("content-type", "").startswith("text/event-stream"):
             return StreamReply(200, headers, self._stream(state, response))
-        started = time.perf_counter()
-        raw = await Upstream.read(response)
-        state.upstream_seconds += time.perf_counter() - started
+        raw = await self._read(state, response)
         body = await self._screen_answer(state, raw)
-        overhead = max(0.0, time.perf_counter() - state.started - state.upstream_seconds)
-        self.recorder.metrics.overhead_seconds.labels(call.path).observe(overhead)
-        headers["x-rsafe-overhead-ms"] = f"{overhead * 1000:.1f}"
+        # x-rsafe-overhead-ms (the proxy's own time) is set on every response by telemetry.http.TraceRequests
         return Reply(200, body, headers)
 
     def _headers(self, state: _Screening, decision: Decision) -> dict[str, str]:
@@ -380,12 +428,13 @@ class Pipeline:
     def _rewritten(self, state: _Screening, judged: list[Turn], instruction: str) -> dict[str, Any]:
         """The body with the new turns (those judged after the known-safe conversation) replaced by the policy's
         instruction; a turn that has no replaced form (a reasoning item, say) blocks the request instead."""
+        # the request's other fields among the new turns: they go (they have no replaced form)
+        body = without_fields(state.kind, state.body) if any(t.role == FIELDS for t in judged) else dict(state.body)
         if isinstance(state.request, ResponsesRequest):
-            new = responses_api.rewritten(state.body, state.request, judged, instruction)
+            new = responses_api.rewritten(body, state.request, judged, instruction)
             if new is None:
                 raise ContentBlocked(state.call.policy.messages.block.input, (), {"policy": state.call.policy.id})
             return new
-        body = dict(state.body)
         if not isinstance(state.request, ChatRequest):
             body["prompt"] = instruction
             return body
@@ -407,12 +456,12 @@ class Pipeline:
         try:
             response = await self._open(state, call, call.body or None)
             headers = returned_headers(response.headers)
-            if response.status_code != 200:
-                return Reply(response.status_code, await Upstream.read(response), headers)
+            if await _upstream_error(response):
+                return Reply(response.status_code, await self._read(state, response), headers)
             if response.headers.get("content-type", "").startswith("text/event-stream"):  # a resumed stream
                 streamed = True
                 return StreamReply(200, headers, self._stream(state, response))
-            raw = await Upstream.read(response)
+            raw = await self._read(state, response)
             value = _json(raw)
             if isinstance(value, dict) and value.get("object") == "list" and isinstance(value.get("data"), list):
                 items = [_answer(item, kind) for item in value["data"]]
@@ -423,11 +472,11 @@ class Pipeline:
             screened_one = await self._screened(state, answer)
             return Reply(200, raw if screened_one is answer else json.dumps(screened_one).encode(), headers)
         except Exception as error:
-            span.record_exception(error)
+            self.recorder.failed(span, error)
             raise
         finally:
             if not streamed:
-                span.end()
+                self._end(state)
 
     async def guardrail(self, call: Call) -> Reply:
         """LiteLLM's Generic Guardrail API: the texts LiteLLM sends, judged under the tenant's policy (input
@@ -476,7 +525,9 @@ class Pipeline:
                 raise GuardUnavailable(decision.message)
             return stripped if decision.outcome.passes else responses_api.stopped(answer, decision.message)
         choices = list(answer["choices"])
-        readings = [read_choice(kind, choice) if isinstance(choice, dict) else None for choice in choices]
+        if len(choices) > MAX_CHOICES:  # each is judged: more would take the shared guard from everyone
+            raise UpstreamUnavailable(f"The upstream model sent {len(choices)} choices, more than one may ask for.")
+        readings = [read_choice(kind, choice) for choice in choices]  # a choice that is no object is read too
         extras = read_extras(answer)  # a provider's fields beside the choices: judged with the first choice
         texts = ["\n".join(reading.texts) if reading else "" for reading in readings] or [""]
         texts[0] = "\n".join(part for part in (texts[0], *extras.texts) if part)
@@ -522,14 +573,25 @@ class Pipeline:
 
         # payloads the guard cannot read are stripped, or cut the stream as a violation (policy.unjudged)
         unjudged = Decision(Outcome.BLOCK, Side.OUTPUT, (), policy.messages.block.output)
-        windowed = WindowedScreen(state.kind, policy.stream, judge, unjudged if policy.unjudged == "block" else None)
+        ids = state.span.get_span_context()  # the decision id, also in the stream's last event (see WindowedScreen)
+        windowed = WindowedScreen(
+            state.kind,
+            policy.stream,
+            judge,
+            unjudged if policy.unjudged == "block" else None,
+            decision_id=trace.format_trace_id(ids.trace_id) if ids.is_valid else None,
+        )
+        reading = AnswerReading()
+        upstream_call = state.opened.pop(id(response), None)
         try:
-            async for chunk in windowed.run(sse_events(Upstream.chunks(response))):
+            async for chunk in windowed.run(_read_events(sse_events(waited(Upstream.chunks(response))), reading)):
                 yield chunk
         finally:
             await response.aclose()
+            if upstream_call is not None:
+                upstream_call.done(reading, windowed.failure)
             state.span.set_attribute("rsafe.stream.windows", windowed.windows)
             self._unjudged(state, tuple(windowed.stripped))
             if windowed.failure is not None:  # the client got the screened text, then an error event
                 state.span.set_attribute("rsafe.stream.upstream_error", str(windowed.failure.code))
-            state.span.end()
+            self._end(state)

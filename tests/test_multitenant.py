@@ -97,6 +97,8 @@ def test_two_tenants_get_different_decisions_for_the_same_text(two_tenants: Prox
         "code": "content_filter",
         "categories": ["U2"],
         "policy": "strict",
+        # the decision id (the trace id), as in the x-rsafe-decision-id header
+        "decision_id": blocked.value.response.headers["x-rsafe-decision-id"],
     }
     assert blocked.value.response.headers["x-should-retry"] == "false"
 

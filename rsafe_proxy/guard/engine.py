@@ -43,6 +43,7 @@ class GuardOutput:
     unsafe_probability: float | None = None
     truncated: bool = False
     cached_tokens: int = 0  # leading prompt tokens read from a reused key/value cache
+    model: str | None = None  # the model that answered, where the server names it (telemetry)
 
 
 def chat_messages(prompt: str, system: str | None = None) -> list[dict[str, str]]:

@@ -1,84 +1,52 @@
-"""Spans and metrics behind one small recorder: a span per request, a child per screen, client spans per
-upstream and guard call (OpenTelemetry GenAI conventions plus `rsafe.*`), and Prometheus metrics."""
+"""Spans and metrics behind one small recorder: a server span per HTTP request (http.py), a span per screened
+request and per screen, GenAI client spans per upstream and guard call (genai.py), `rsafe.*` attributes and the
+`gen_ai.evaluation.result` event on every verdict, and Prometheus metrics (metrics.py)."""
 
 from __future__ import annotations
 
 import json
 import os
-import threading
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.trace import Span, SpanKind, Tracer
 
-from rsafe_proxy.config import TelemetrySettings
-from rsafe_proxy.guard.screen import Verdict
-from rsafe_proxy.policy.decide import Decision
-from rsafe_proxy.policy.schema import Policy
+from rsafe_proxy.errors import ProxyError
+from rsafe_proxy.telemetry.context import waiting
+from rsafe_proxy.telemetry.exporters import JsonLinesExporter, otlp_exporter, resource
+from rsafe_proxy.telemetry.genai import (
+    EVALUATION_EVENT,
+    EVALUATION_NAME,
+    UpstreamCall,
+    client_attributes,
+    fail,
+    server_attributes,
+    span_name,
+)
+from rsafe_proxy.telemetry.metrics import Metrics, bounded
 
+if TYPE_CHECKING:  # types only: importing them here would close an import cycle (policy -> paths -> middleware)
+    from rsafe_proxy.config import TelemetrySettings
+    from rsafe_proxy.guard.screen import Verdict
+    from rsafe_proxy.policy.decide import Decision
+    from rsafe_proxy.policy.schema import Policy
 
-class JsonLinesExporter(SpanExporter):
-    """Writes each finished span as one JSON line: decisions visible without a collector."""
+__all__ = ["JsonLinesExporter", "Metrics", "Recorder", "read_decisions"]
 
-    def __init__(self, path: str) -> None:
-        self._path = path
-        self._lock = threading.Lock()
-
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        lines = [span.to_json(indent=None) + "\n" for span in spans]
-        try:
-            with self._lock, open(self._path, "a", encoding="utf-8") as file:
-                file.writelines(lines)
-        except OSError:
-            return SpanExportResult.FAILURE
-        return SpanExportResult.SUCCESS
-
-
-class Metrics:
-    """The proxy's Prometheus metrics, in a registry of its own (no global state)."""
-
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.decisions = Counter(
-            "rsafe_decisions", "Screening decisions", ["tenant", "side", "outcome"], registry=self.registry
-        )
-        self.guard_seconds = Histogram(
-            "rsafe_guard_seconds",
-            "Guard call latency",
-            ["engine", "side"],
-            registry=self.registry,
-            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
-        )
-        self.overhead_seconds = Histogram(
-            "rsafe_overhead_seconds",
-            "Time the proxy added to a request",
-            ["route"],
-            registry=self.registry,
-            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10),
-        )
-        self.cache_hits = Counter("rsafe_verdict_cache_hits", "Verdicts served from the cache", registry=self.registry)
-        self.cache_misses = Counter("rsafe_verdict_cache_misses", "Verdicts not in the cache", registry=self.registry)
-        self.policy_reload_errors = Counter(
-            "rsafe_policy_reload_errors", "Policy edits rejected as invalid", registry=self.registry
-        )
-        self.guard_ready = Gauge("rsafe_guard_ready", "1 when the guard can serve verdicts", registry=self.registry)
-
-    def render(self) -> bytes:
-        """The text exposition format."""
-        return generate_latest(self.registry)
+VERSION = "0.1.0"
 
 
 class Recorder:
     """Everything the pipeline records goes through here."""
 
     def __init__(self, settings: TelemetrySettings, base_dir: str = ".") -> None:
-        self.provider = TracerProvider(resource=Resource.create({"service.name": settings.service_name}))
+        self.provider = TracerProvider(resource=resource(settings.service_name, VERSION))
         if settings.spans_file:
             path = (
                 settings.spans_file
@@ -89,11 +57,10 @@ class Recorder:
             self.spans_file: str | None = path
         else:
             self.spans_file = None
-        if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-            self.provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-        self.tracer: Tracer = self.provider.get_tracer("rsafe_proxy")
+        exporter = otlp_exporter(os.environ)
+        if exporter is not None:
+            self.provider.add_span_processor(BatchSpanProcessor(exporter))
+        self.tracer: Tracer = self.provider.get_tracer("rsafe_proxy", VERSION)
         self.metrics = Metrics()
 
     @contextmanager
@@ -104,22 +71,67 @@ class Recorder:
         kind: SpanKind = SpanKind.INTERNAL,
         parent: Context | None = None,
     ) -> Iterator[Span]:
-        """A span, child of `parent` (default: the current span); an exception marks it as an error."""
+        """A span, child of `parent` (default: the current span); an exception ends it as `failed` says."""
         attributes = _clean(attributes or {})
-        with self.tracer.start_as_current_span(name, context=parent, kind=kind, attributes=attributes) as span:
-            yield span
+        with self.tracer.start_as_current_span(
+            name,
+            context=parent,
+            kind=kind,
+            attributes=attributes,
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            try:
+                yield span
+            except Exception as error:
+                self.failed(span, error)
+                raise
+
+    @contextmanager
+    def upstream_call(
+        self, operation: str | None, model: str | None, method: str, base_url: str, parent: Context | None
+    ) -> Iterator[UpstreamCall]:
+        """The client span of one upstream call, current (and counted as waiting) inside the block: a GenAI span
+        (`chat {model}`) for a generation (`operation` set), else an HTTP client span (`{method}`). The caller
+        ends it with `done` once the answer is read; an error in the block ends it at once."""
+        if operation:
+            name, attributes = span_name(operation, model), client_attributes(operation, "openai", model, base_url)
+        else:
+            name, attributes = method, {"http.request.method": method, **server_attributes(base_url)}
+        span = self.tracer.start_span(name, context=parent, kind=SpanKind.CLIENT, attributes=attributes)
+        call = UpstreamCall(span, operation or "http", time.perf_counter(), self.metrics.upstream_seconds)
+        with trace.use_span(span, record_exception=False, set_status_on_exception=False), waiting():
+            try:
+                yield call
+            except BaseException as error:
+                call.done(error=error)
+                raise
+
+    def failed(self, span: Span, error: BaseException) -> None:
+        """Record why `span`'s work stopped. A refusal (a policy block, a bad request: any 4xx) is an outcome, not
+        a fault: its code goes in `rsafe.error.code` and the status stays unset. A 5xx ProxyError sets
+        `error.type` to its code and status ERROR; anything else (a bug) also records the exception."""
+        if isinstance(error, ProxyError):
+            span.set_attribute("rsafe.error.code", error.code or type(error).__name__)
+            if error.status >= 500:
+                fail(span, error.code or type(error).__name__, error.message[:200])
+            return
+        fail(span, type(error).__qualname__)
+        span.record_exception(error)
 
     def screen(
         self, span: Span, tenant: str, policy: Policy, verdict: Verdict, decision: Decision, engine: str
     ) -> None:
-        """Record one screening decision on its span and in the metrics."""
+        """Record one screening decision on its span (attributes and a `gen_ai.evaluation.result` event) and in
+        the metrics."""
+        side = decision.side.value
         span.set_attributes(
             _clean(
                 {
                     "rsafe.tenant": tenant,
                     "rsafe.policy.id": policy.id,
                     "rsafe.policy.version": policy.version,
-                    "rsafe.side": decision.side.value,
+                    "rsafe.side": side,
                     "rsafe.verdict": verdict.label.value,
                     "rsafe.categories": list(decision.categories),
                     "rsafe.action": decision.outcome.value,
@@ -127,23 +139,47 @@ class Recorder:
                     "rsafe.guard.cached": verdict.cached,
                     "rsafe.guard.latency_ms": round(verdict.seconds * 1000, 2),
                     "rsafe.guard.unsafe_probability": verdict.unsafe_probability,
-                    "gen_ai.usage.input_tokens": verdict.prompt_tokens,
-                    "gen_ai.usage.output_tokens": verdict.completion_tokens,
+                    "rsafe.guard.input_tokens": verdict.prompt_tokens,
+                    "rsafe.guard.output_tokens": verdict.completion_tokens,
                     "rsafe.guard.cached_tokens": verdict.cached_tokens,
                     "rsafe.guard.error": verdict.error,
                 }
             )
         )
+        event = {
+            "gen_ai.evaluation.name": EVALUATION_NAME,
+            "gen_ai.evaluation.score.label": verdict.label.value,
+            "gen_ai.evaluation.score.value": verdict.unsafe_probability,
+            "rsafe.side": side,
+            "rsafe.action": decision.outcome.value,
+            "error.type": "guard_error" if verdict.error else None,
+        }
         if policy.reasoning.capture and verdict.reasoning:
+            event["gen_ai.evaluation.explanation"] = verdict.reasoning[:16_000]
             span.add_event("rsafe.reasoning", {"rsafe.reasoning": verdict.reasoning[:16_000]})
+        span.add_event(EVALUATION_EVENT, _clean(event))
         if verdict.error:
-            span.set_status(Status(StatusCode.ERROR, verdict.error))
-        self.metrics.decisions.labels(tenant, decision.side.value, decision.outcome.value).inc()
+            fail(span, "guard_error", verdict.error[:200])
+        metrics = self.metrics
+        known = frozenset(category.id for category in policy.categories_for(decision.side))
+        category = bounded(decision.categories[0], known) if decision.categories else "none"
+        metrics.decisions.labels(tenant, side, decision.outcome.value).inc()
+        metrics.verdicts.labels(tenant, side, verdict.label.value, decision.outcome.value, category).inc()
+        if verdict.error:
+            metrics.errors.labels("guard_error").inc()
         if verdict.cached:
-            self.metrics.cache_hits.inc()
-        else:
-            self.metrics.cache_misses.inc()
-            self.metrics.guard_seconds.labels(engine, decision.side.value).observe(verdict.seconds)
+            metrics.cache_hits.labels(side).inc()
+            return
+        metrics.cache_misses.labels(side).inc()
+        if verdict.seconds:
+            metrics.guard_seconds.labels(engine, side).observe(verdict.seconds)
+        for kind, count in (
+            ("input", verdict.prompt_tokens),
+            ("output", verdict.completion_tokens),
+            ("cached", verdict.cached_tokens),
+        ):
+            if count:
+                metrics.guard_tokens.labels(engine, side, kind).inc(count)
 
     def shutdown(self) -> None:
         """Flush and stop the exporters."""

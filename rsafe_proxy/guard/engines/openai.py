@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 
 from rsafe_proxy.guard.engine import GuardContextExceeded, GuardEngineError, GuardOutput, Sampling, chat_messages
+from rsafe_proxy.telemetry.context import inject
 
 # How OpenAI (`context_length_exceeded`) and vLLM ("maximum context length", "maximum model length") say that a
 # prompt, or a prompt and its max_tokens, does not fit the model.
@@ -72,8 +73,10 @@ class OpenAIEngine:
             payload["cache_salt"] = cache_salt
         if self._client.is_closed:  # httpx would raise a bare RuntimeError
             raise GuardEngineError("the openai engine is closed")
+        headers: dict[str, str] = {}
+        inject(headers)  # the guard server's spans join the proxy's guard call span
         try:
-            response = await self._client.post("/chat/completions", json=payload)
+            response = await self._client.post("/chat/completions", json=payload, headers=headers)
         except httpx.TimeoutException as error:
             raise GuardEngineError(f"guard server timed out: {type(error).__name__}") from error
         except httpx.HTTPError as error:
@@ -94,6 +97,7 @@ class OpenAIEngine:
                 prompt_tokens=int(usage.get("prompt_tokens") or 0),
                 truncated=choice.get("finish_reason") == "length",
                 cached_tokens=int(details.get("cached_tokens") or 0),
+                model=body["model"] if isinstance(body.get("model"), str) else None,
             )
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as error:
             raise GuardEngineError(f"guard server sent an unexpected body: {response.text[:200]}") from error

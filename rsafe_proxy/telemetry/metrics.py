@@ -1,0 +1,96 @@
+"""The proxy's Prometheus metrics, in a registry of its own (no global state). Every label takes values from a
+bounded set: configured tenants, route templates, status codes, sides, verdicts, actions, a policy's category ids
+(anything else is counted as `other`), error codes."""
+
+from __future__ import annotations
+
+import re
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
+_OVERHEAD = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
+_LABEL = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+
+
+def bounded(value: str, known: frozenset[str] | None = None) -> str:
+    """`value` as a label: `other` when it is not one of `known` (where given) or is no plain short token."""
+    if known is not None and value not in known:
+        return "other"
+    return value if _LABEL.fullmatch(value) else "other"
+
+
+class Metrics:
+    """Every metric the proxy exposes on /metrics."""
+
+    def __init__(self) -> None:
+        registry = self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "rsafe_requests", "HTTP requests answered", ["tenant", "route", "status"], registry=registry
+        )
+        self.requests_in_flight = Gauge("rsafe_requests_in_flight", "Requests being served", registry=registry)
+        self.streams_in_flight = Gauge("rsafe_streams_in_flight", "Event streams being sent", registry=registry)
+        self.errors = Counter("rsafe_errors", "Errors, by kind (the error code)", ["kind"], registry=registry)
+        self.decisions = Counter(
+            "rsafe_decisions",
+            "Screening decisions (outcome: the action)",
+            ["tenant", "side", "outcome"],
+            registry=registry,
+        )
+        self.verdicts = Counter(
+            "rsafe_verdicts",
+            "Screening decisions with their verdict and category (the first the verdict names, or none)",
+            ["tenant", "side", "verdict", "action", "category"],
+            registry=registry,
+        )
+        self.guard_seconds = Histogram(
+            "rsafe_guard_seconds",
+            "Time one screen waited on the guard (cache hits excluded)",
+            ["engine", "side"],
+            registry=registry,
+            buckets=_LATENCY,
+        )
+        self.guard_tokens = Counter(
+            "rsafe_guard_tokens",
+            "Guard model tokens (type: input, output, cached input)",
+            ["engine", "side", "type"],
+            registry=registry,
+        )
+        self.upstream_seconds = Histogram(
+            "rsafe_upstream_seconds",
+            "Upstream call latency, request sent to answer read (streams: to their end)",
+            ["operation", "status"],
+            registry=registry,
+            buckets=_LATENCY,
+        )
+        self.overhead_seconds = Histogram(
+            "rsafe_overhead_seconds",
+            "The proxy's own time per request: waiting on the guard, the upstream and the client excluded",
+            ["route"],
+            registry=registry,
+            buckets=_OVERHEAD,
+        )
+        self.cache_hits = Counter(
+            "rsafe_verdict_cache_hits", "Verdicts served from the cache", ["side"], registry=registry
+        )
+        self.cache_misses = Counter(
+            "rsafe_verdict_cache_misses", "Verdicts the guard was asked for", ["side"], registry=registry
+        )
+        self.reloads = Counter(
+            "rsafe_reloads", "Policy and tenant reloads, by result (ok, error)", ["result"], registry=registry
+        )
+        self.policy_reload_errors = Counter(
+            "rsafe_policy_reload_errors", "Policy edits rejected as invalid", registry=registry
+        )
+        self.guard_ready = Gauge(
+            "rsafe_guard_ready", "1 when the guard can serve verdicts (probed in the background)", registry=registry
+        )
+
+    def reload_failed(self, count: int = 1) -> None:
+        """`count` rejected edits."""
+        self.reloads.labels("error").inc(count)
+        self.policy_reload_errors.inc(count)
+
+    def render(self) -> bytes:
+        """The text exposition format."""
+        return generate_latest(self.registry)
