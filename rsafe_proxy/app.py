@@ -15,6 +15,8 @@ from rsafe_proxy.paths import CanonicalPath
 from rsafe_proxy.policy.store import PolicyStore
 from rsafe_proxy.routes import ROUTES, carries_key
 from rsafe_proxy.runtime import Runtime, policy_paths
+from rsafe_proxy.telemetry import Recorder
+from rsafe_proxy.telemetry.http import TraceRequests
 
 
 def build_app(settings: Settings) -> ASGIApp:
@@ -31,6 +33,10 @@ def build_app(settings: Settings) -> ASGIApp:
         finally:
             await runtime.close()
 
+    def recorder() -> Recorder | None:
+        runtime: Runtime | None = getattr(proxy.state, "runtime", None)
+        return runtime.recorder if runtime is not None else None
+
     def proxy_key(value: str) -> bool:
         runtime = getattr(proxy.state, "runtime", None)
         return runtime is not None and carries_key(runtime, value)
@@ -39,6 +45,8 @@ def build_app(settings: Settings) -> ASGIApp:
         routes=ROUTES,
         lifespan=lifespan,
         middleware=[
+            # outermost: every request, refused ones included, has its server span and decision id
+            Middleware(TraceRequests, recorder=recorder),
             Middleware(ErrorBoundary),  # outermost: whatever fails below is answered as an OpenAI-style error
             # before anything reads the path: routing and the upstream URL see only its canonical form, and no
             # key in the query reaches the upstream or the access log

@@ -7,15 +7,32 @@ import asyncio
 import json
 import logging
 import sys
+import time
 from collections.abc import Sequence
+from importlib import metadata
 from pathlib import Path
 
 from rsafe_proxy.config import Settings, load_settings
-from rsafe_proxy.guard.protocol import Side
+from rsafe_proxy.guard.protocol import Label, Side
+from rsafe_proxy.logs import LOG_FORMATS
+from rsafe_proxy.logs import configure as configure_logs
 from rsafe_proxy.policy.decide import decide
 from rsafe_proxy.policy.loading import load_policy, resolve_policy_path
 from rsafe_proxy.policy.schema import Policy
 from rsafe_proxy.yamlsource import FileInvalid
+
+# `rsafe-proxy check` exit status, so that a script can gate on the verdict
+CHECK_SAFE, CHECK_UNSAFE, CHECK_ERROR = 0, 1, 2
+_CHECK_STATUS = {Label.SAFE: CHECK_SAFE, Label.UNSAFE: CHECK_UNSAFE}
+_TEXT_WIDTH = 70  # `policy test`: characters of each example's text shown
+
+
+def version() -> str:
+    """The installed package's version (from its metadata: pyproject.toml is the one place it is written)."""
+    try:
+        return metadata.version("rsafe-proxy")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -31,16 +48,20 @@ def _policy(args: argparse.Namespace, settings: Settings) -> Policy:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from rsafe_proxy.app import build_app
-    from rsafe_proxy.server import serve
+    from rsafe_proxy.server import bind, serve
 
+    configure_logs(args.log_format, args.log_level)
     settings = _settings(args)
     host = args.host or settings.server.host
     port = args.port if args.port is not None else settings.server.port
-    serve(settings, build_app(settings), host=host, port=port, log_level=args.log_level)
+    # the port first: a port in use is reported at once, before policies or the model are loaded
+    listener = bind(host, port)
+    serve(settings, build_app(settings), listener=listener, host=host, port=port, log_level=args.log_level)
     return 0
 
 
 async def _check(args: argparse.Namespace) -> int:
+    from rsafe_proxy.guard.engine import GuardEngineError
     from rsafe_proxy.runtime import build_engine, build_screener
 
     settings = _settings(args)
@@ -48,9 +69,19 @@ async def _check(args: argparse.Namespace) -> int:
     side = Side(args.side)
     engine = build_engine(settings.guard)
     try:
+        # the model loads first, timed apart, so that the verdict's latency is the verdict's alone
+        started = time.perf_counter()
+        if (start := getattr(engine, "start", None)) is not None:
+            await start()
+        load_s = time.perf_counter() - started
         screener = build_screener(settings.guard, engine)
         prompt, response = (args.prompt or "", args.text) if side is Side.OUTPUT else (args.text, None)
+        started = time.perf_counter()
         verdict = await screener.screen(policy, side, prompt, response)
+        verdict_s = time.perf_counter() - started
+    except GuardEngineError as error:
+        print(f"rsafe-proxy: the guard could not judge the text: {error}", file=sys.stderr)
+        return CHECK_ERROR
     finally:
         await engine.aclose()
     decision = decide(policy, side, verdict)
@@ -65,7 +96,8 @@ async def _check(args: argparse.Namespace) -> int:
                     "policy_version": policy.version,
                     "engine": engine.name,
                     "unsafe_probability": verdict.unsafe_probability,
-                    "seconds": round(verdict.seconds, 3),
+                    "seconds": round(verdict_s, 3),
+                    "load_seconds": round(load_s, 3),
                     "reasoning": verdict.reasoning,
                     "error": verdict.error,
                 }
@@ -75,11 +107,12 @@ async def _check(args: argparse.Namespace) -> int:
         print(f"verdict:    {verdict.label.value}")
         print(f"action:     {decision.outcome.value}")
         print(f"categories: {', '.join(decision.categories) or '-'}")
-        print(f"policy:     {policy.id}@{policy.version}   engine: {engine.name}   {verdict.seconds:.2f} s")
+        print(f"policy:     {policy.id}@{policy.version}")
+        print(f"engine:     {engine.name}   verdict in {verdict_s:.2f} s   (model load {load_s:.2f} s, not counted)")
         if verdict.error:
             print(f"error:      {verdict.error}")
         print(f"reasoning:  {verdict.reasoning or '-'}")
-    return 0 if verdict.error is None else 1
+    return _CHECK_STATUS.get(verdict.label, CHECK_ERROR) if verdict.error is None else CHECK_ERROR
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -101,7 +134,13 @@ def cmd_policy_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_policy_schema(args: argparse.Namespace) -> int:
-    print(json.dumps(Policy.model_json_schema(), indent=2))
+    from rsafe_proxy.policy.jsonschema import schema_text
+
+    if args.output:
+        Path(args.output).write_text(schema_text(), encoding="utf-8")
+        print(f"wrote the policy JSON Schema to {args.output}", file=sys.stderr)
+    else:
+        print(schema_text(), end="")
     return 0
 
 
@@ -115,6 +154,12 @@ async def _policy_test(args: argparse.Namespace) -> int:
         return 0
     engine = build_engine(settings.guard)
     failures = 0
+    if (start := getattr(engine, "start", None)) is not None:
+        # loading takes seconds (minutes on the first run): say so rather than sit silent
+        print(f"loading the guard model ({engine.name})...", file=sys.stderr, flush=True)
+        started = time.perf_counter()
+        await start()
+        print(f"guard ready in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
     print(f"{'result':<6} {'side':<6} {'expected':<8} {'verdict':<8} {'action (categories)':<24} text")
     try:
         screener = build_screener(settings.guard, engine)
@@ -125,7 +170,7 @@ async def _policy_test(args: argparse.Namespace) -> int:
                 verdict = await screener.screen(policy, example.side, example.text)
             ok = verdict.label.value == example.expected
             failures += not ok
-            text = " ".join(example.text.split())[:70]
+            text = _shortened(" ".join(example.text.split()), _TEXT_WIDTH)
             result = "PASS" if ok else "FAIL"
             # the action shows what the categories named in the reasoning make of the verdict
             decision = decide(policy, example.side, verdict)
@@ -136,6 +181,11 @@ async def _policy_test(args: argparse.Namespace) -> int:
         await engine.aclose()
     print(f"{len(policy.examples) - failures}/{len(policy.examples)} examples pass ({policy.id}@{policy.version})")
     return 1 if failures else 0
+
+
+def _shortened(text: str, width: int) -> str:
+    """`text` cut to `width` characters, an ellipsis showing where it was cut."""
+    return text if len(text) <= width else text[: width - 1].rstrip() + "…"
 
 
 def cmd_policy_test(args: argparse.Namespace) -> int:
@@ -192,50 +242,70 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    """The command line."""
+    """The command line. Every argument carries help (tests/test_first_hour.py holds it to that, and the
+    README's command list to it)."""
     top = argparse.ArgumentParser(
         prog="rsafe-proxy",
         description="An OpenAI-compatible proxy that screens prompts and answers with an RSafe guard.",
     )
+    top.add_argument("--version", action="version", version=f"rsafe-proxy {version()}")
     config_help = "proxy.yaml (default: ./proxy.yaml, else the packaged default)"
     top.add_argument("--config", help=config_help)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", default=argparse.SUPPRESS, help=config_help)
-    commands = top.add_subparsers(dest="command", required=True)
+    commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", parents=[common], help="run the proxy")
-    serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
-    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    serve.add_argument("--host", help="address to listen on (default: server.host, 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (default: server.port, 8080)")
+    serve.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="least severe messages logged (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--log-format",
+        default="text",
+        choices=LOG_FORMATS,
+        help="text lines, or one JSON object a line for a log collector (default: %(default)s)",
+    )
     serve.set_defaults(run=cmd_serve)
 
     check = commands.add_parser(
-        "check", parents=[common], help="screen one text with the configured guard and print the verdict"
+        "check",
+        parents=[common],
+        help="screen one text with the configured guard and print the verdict",
+        description="Screen one text with the configured guard. Exit status: 0 safe, 1 unsafe, 2 error (the "
+        "guard could not judge it, or the configuration is invalid).",
     )
-    check.add_argument("text")
-    check.add_argument("--side", choices=["input", "output"], default="input")
+    check.add_argument("text", help="the text to screen (a prompt; with --side output, an answer)")
+    check.add_argument(
+        "--side", choices=["input", "output"], default="input", help="screen as a prompt or as an answer"
+    )
     check.add_argument("--prompt", help="with --side output: the user prompt the text answers")
     check.add_argument("--policy", help="a policy file (default: the first tenant's policy)")
     check.add_argument("--json", action="store_true", help="print one JSON object")
     check.set_defaults(run=cmd_check)
 
     policy = commands.add_parser(
-        "policy", parents=[common], help="validate, describe and test policy files"
-    ).add_subparsers(dest="policy_command", required=True)
+        "policy", parents=[common], help="validate policy files, print their JSON Schema, run their examples"
+    ).add_subparsers(dest="policy_command", required=True, metavar="SUBCOMMAND")
     validate = policy.add_parser("validate", parents=[common], help="check policy files; every problem with its line")
-    validate.add_argument("files", nargs="+")
+    validate.add_argument("files", nargs="+", metavar="FILE", help="policy YAML files")
     validate.set_defaults(run=cmd_policy_validate)
     schema = policy.add_parser("schema", parents=[common], help="print the policy JSON Schema (for editors)")
+    schema.add_argument("--output", metavar="FILE", help="write the schema to FILE instead of printing it")
     schema.set_defaults(run=cmd_policy_schema)
     test = policy.add_parser("test", parents=[common], help="run a policy's examples against the configured guard")
-    test.add_argument("file")
+    test.add_argument("file", metavar="FILE", help="the policy file whose examples run")
     test.set_defaults(run=cmd_policy_test)
 
     decisions = commands.add_parser(
         "decisions", parents=[common], help="print the latest screening decisions from the spans file"
     )
     decisions.add_argument("--file", help="spans file (default: telemetry.spans_file)")
-    decisions.add_argument("--last", type=int, default=20)
+    decisions.add_argument("--last", type=int, default=20, metavar="N", help="how many (default: %(default)s)")
     decisions.set_defaults(run=cmd_decisions)
     from rsafe_proxy.eval_command import add_eval_arguments
     from rsafe_proxy.train.command import add_train_arguments
@@ -254,7 +324,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `rsafe-proxy` console script."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not logging.getLogger().handlers:  # as logging.basicConfig: a host (a test runner) may have set it up
+        configure_logs("text", "info")
     args = parser().parse_args(argv)
     try:
         code: int = args.run(args)

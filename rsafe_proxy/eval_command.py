@@ -78,7 +78,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", action="append", required=True, type=Path, help="normalized JSONL (repeatable)")
     parser.add_argument("--limit", type=int, help="N rows of each file, evenly spaced through it")
     parser.add_argument("--policy", help="a policy file (default: the first tenant's policy)")
-    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--concurrency", type=int, default=4, help="rows screened at once (default: %(default)s)")
     parser.add_argument("--predictions", type=Path, help="write predictions and reasoning to this JSONL file")
     parser.add_argument("--json", type=Path, help="write the metrics as JSON")
 

@@ -9,6 +9,7 @@ import logging
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rsafe_proxy.errors import InternalError, PayloadTooLarge, ProxyError, RequestTimeout
+from rsafe_proxy.telemetry.context import traced_body
 
 log = logging.getLogger("rsafe_proxy")
 
@@ -17,7 +18,7 @@ _DRAIN_LIMIT = 256 * 1024 * 1024  # read and discard at most this much, so the c
 
 async def send_error(send: Send, error: ProxyError) -> None:
     """Send `error` as an OpenAI-style JSON response."""
-    body = json.dumps(error.body()).encode()
+    body = json.dumps(traced_body(error)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     headers += [(name.encode(), value.encode()) for name, value in error.headers().items()]
     await send({"type": "http.response.start", "status": error.status, "headers": headers})

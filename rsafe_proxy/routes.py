@@ -23,6 +23,8 @@ from rsafe_proxy.pipeline import Call, Pipeline, Reply, StreamReply
 from rsafe_proxy.policy.schema import Policy
 from rsafe_proxy.policy.tenants import KeyRing, Tenant, bearer_token, configured_digests
 from rsafe_proxy.runtime import Runtime
+from rsafe_proxy.telemetry.context import note_tenant, traced_body
+from rsafe_proxy.upstream import host_of
 
 # The operations the proxy screens (method, canonical path pattern); the ROUTES below serve them.
 SCREENED: tuple[tuple[str, str], ...] = (
@@ -53,8 +55,9 @@ _KEY_HEADERS = frozenset({"x-api-key", "api-key"})
 
 
 def error_response(error: ProxyError) -> JSONResponse:
-    """The OpenAI-style error body with the error's status and headers."""
-    return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
+    """The OpenAI-style error body with the error's status and headers, and the decision id (error.decision_id)
+    to look the request up by in the traces."""
+    return JSONResponse(traced_body(error), status_code=error.status, headers=error.headers())
 
 
 def _runtime(request: Request) -> Runtime:
@@ -100,6 +103,7 @@ async def _call(request: Request) -> Call:
     if authorization is None and request.scope["path"] == litellm_api.PATH and (key := _one(request, "x-api-key")):
         authorization = f"Bearer {key}"  # LiteLLM sends a guardrail's api_key so; nothing here goes upstream
     tenant = tenants.resolve(authorization)
+    note_tenant(tenant.id)
     body = await request.body()
     # scope['raw_path'] is the canonical path (paths.CanonicalPath): the upstream URL is built from it alone
     raw_path: bytes = request.scope["raw_path"]
@@ -252,18 +256,30 @@ def _admin_refusal(request: Request) -> Response | None:
     return error_response(Unauthorized("This endpoint needs 'Authorization: Bearer <admin key>'."))
 
 
+UPSTREAM_RECHECK_S = 5.0  # /readyz connects to the upstream again when its last check is older than this
+
+
 async def readyz(request: Request) -> Response:
     """The guard can serve verdicts and every policy is loaded; rejected policy edits are reported."""
     if (refusal := _admin_refusal(request)) is not None:
         return refusal
     runtime = _runtime(request)
-    guard_ready = await runtime.guard_ready()
+    # the upstream is connected to again at most every UPSTREAM_RECHECK_S, alongside the guard's probe
+    guard_ready, _ = await asyncio.gather(runtime.guard_ready(), runtime.check_upstream(max_age_s=UPSTREAM_RECHECK_S))
+    # reported, not required: an upstream outage taking every proxy replica out of its load balancer would
+    # turn the clear 502 a client gets now into refused connections (DESIGN §3: guard and policies loaded)
+    upstream_ok = runtime.upstream_error is None
     errors = runtime.policies.errors()
     if runtime.config_error:
         errors = {**errors, "proxy.yaml": runtime.config_error}
     body: dict[str, Any] = {
         "status": "ready" if guard_ready else "not ready",
         "guard": {"engine": runtime.engine_name, "ready": guard_ready},
+        "upstream": {
+            "host": host_of(runtime.settings.upstream.base_url),  # no path or credentials: /readyz may be open
+            "reachable": upstream_ok,
+            "error": runtime.upstream_error,
+        },
         "policies": {tenant: runtime.policies.get(tenant).version for tenant in runtime.policies.entries},
         "policy_errors": errors,
     }

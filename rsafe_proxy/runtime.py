@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,15 +21,19 @@ from rsafe_proxy.draining import Drain
 from rsafe_proxy.guard.cache import TTLCache
 from rsafe_proxy.guard.engine import GuardEngine, Sampling, load_engine
 from rsafe_proxy.guard.screen import Screener, ScreenSettings, Verdict
+from rsafe_proxy.logs import DecisionLog
 from rsafe_proxy.pipeline import Pipeline
 from rsafe_proxy.policy.loading import resolve_policy_path
 from rsafe_proxy.policy.store import PolicyStore
 from rsafe_proxy.policy.tenants import TenantDirectory
 from rsafe_proxy.telemetry import Recorder
+from rsafe_proxy.telemetry.genai import TracedEngine
 from rsafe_proxy.upstream import Upstream
 from rsafe_proxy.yamlsource import FileInvalid
 
 log = logging.getLogger("rsafe_proxy")
+
+GUARD_PROBE_S = 5.0  # how often rsafe_guard_ready is refreshed
 
 
 def _stamp(path: str | None) -> tuple[int, int] | None:
@@ -77,6 +83,24 @@ def build_screener(guard: GuardSettings, engine: GuardEngine) -> Screener:
     return Screener(engine, settings, cache)
 
 
+def traced_engine(guard: GuardSettings, engine: GuardEngine, recorder: Recorder) -> TracedEngine:
+    """`engine` making a GenAI client span of each guard call: the provider is `openai` for an OpenAI-compatible
+    guard server, the engine's name for an embedded model (no server address then)."""
+    if guard.engine_name() == "openai":
+        return TracedEngine(engine, recorder.tracer, "openai", guard.model or "rsafe", guard.url or "")
+    model = guard.options.get("model")
+    return TracedEngine(engine, recorder.tracer, engine.name, model if isinstance(model, str) else None, "")
+
+
+def guard_description(guard: GuardSettings) -> str:
+    """The guard in a few words for the log: engine, model, mode (and where, for a served guard)."""
+    name = guard.engine_name()
+    if name == "openai":
+        return f"engine openai, model {guard.model or 'rsafe'} at {guard.url}, mode {guard.effective_mode()}"
+    model = guard.options.get("model", "embedded")
+    return f"engine {name}, model {model}, mode {guard.effective_mode()}"
+
+
 def policy_paths(settings: Settings) -> dict[str, Path]:
     """Each tenant's policy file."""
     base = Path(settings.base_dir)
@@ -97,6 +121,8 @@ class Runtime:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     config_error: str | None = None
     drain: Drain = field(default_factory=Drain)  # begun by the server at shutdown (rsafe_proxy.server)
+    upstream_error: str | None = None  # why the last upstream check failed (None: it answered, or none ran yet)
+    upstream_checked: float = -math.inf  # when it ran (monotonic)
 
     @property
     def engine_name(self) -> str:
@@ -117,7 +143,7 @@ class Runtime:
         )
         key = upstream_settings.api_key.get_secret_value() if upstream_settings.api_key else None
         pipeline = Pipeline(
-            build_screener(settings.guard, engine),
+            build_screener(settings.guard, traced_engine(settings.guard, engine, recorder)),
             Upstream(client, upstream_settings.base_url),
             recorder,
             engine.name,
@@ -128,20 +154,50 @@ class Runtime:
         for name in tenants.missing_env:
             log.warning("tenant key variable %s is not set: that key cannot be used", name)
         runtime = cls(settings, policies, tenants, recorder, engine, client, pipeline)
+        recorder.provider.add_span_processor(DecisionLog())  # one log line per block, rewrite or flag
+        runtime.tasks.append(asyncio.create_task(runtime.check_upstream(announce=True)))
+        if getattr(engine, "start", None) is None:
+            log.info("guard: %s (served elsewhere: /readyz tells when it answers)", guard_description(settings.guard))
         if settings.policy_reload_s > 0:
             runtime.tasks.append(asyncio.create_task(runtime._watch_policies()))
         if getattr(engine, "start", None) is not None:
             runtime.tasks.append(asyncio.create_task(runtime._warm()))
+        runtime.tasks.append(asyncio.create_task(runtime._probe_guard()))
         return runtime
+
+    async def _probe_guard(self) -> None:
+        """Keep rsafe_guard_ready live: the engine's readiness, asked every GUARD_PROBE_S seconds."""
+        while True:
+            await self.guard_ready()
+            await asyncio.sleep(GUARD_PROBE_S)
 
     async def _warm(self) -> None:
         """Load the guard model now rather than on the first request; /readyz tells when it is done."""
         start = getattr(self.engine, "start", None)
+        description = guard_description(self.settings.guard)
+        log.info("guard loading: %s (requests wait until it is ready; /readyz is 503 until then)", description)
+        started = time.perf_counter()
         try:
             if start is not None:
                 await start()
         except Exception as error:  # the failure is served as 'not ready' and retried on the next request
             log.error("the guard engine could not start: %s", error)
+            return
+        log.info("guard ready: %s, loaded in %.1f s", description, time.perf_counter() - started)
+
+    async def check_upstream(self, announce: bool = False, max_age_s: float = 0.0) -> None:
+        """Connect to the upstream once (unless that was done less than `max_age_s` ago) and keep the outcome in
+        `upstream_error` (None: it can be reached). A failure is a warning, never a refusal to start: the
+        upstream may come up later. `announce` logs the outcome (start-up)."""
+        if time.monotonic() - self.upstream_checked < max_age_s:
+            return
+        upstream = self.settings.upstream
+        error = await Upstream(self.client, upstream.base_url).probe(upstream.connect_timeout_s)
+        self.upstream_error, self.upstream_checked = error, time.monotonic()
+        if announce and error is not None:
+            log.warning("upstream %s cannot be reached: %s; requests fail until it can", upstream.base_url, error)
+        elif announce:
+            log.info("upstream %s can be reached", upstream.base_url)
 
     async def _watch_policies(self) -> None:
         stamp = _stamp(self.settings.source)
@@ -152,9 +208,11 @@ class Runtime:
                 stamp = current
                 await asyncio.to_thread(self._reload_tenants)
             before = self.policies.reload_errors
-            await asyncio.to_thread(self.policies.reload_changed)
+            replaced = await asyncio.to_thread(self.policies.reload_changed)
             if self.policies.reload_errors > before:
-                self.recorder.metrics.policy_reload_errors.inc(self.policies.reload_errors - before)
+                self.recorder.metrics.reload_failed(self.policies.reload_errors - before)
+            if replaced:
+                self.recorder.metrics.reloads.labels("ok").inc(len(replaced))
 
     def _reload_tenants(self) -> None:
         """proxy.yaml changed: take its tenants (keys, policies, upstream overrides) if the whole file is valid.
@@ -169,11 +227,12 @@ class Runtime:
             tenants = TenantDirectory(settings.tenants, os.environ)
         except (FileInvalid, ValueError) as error:
             self.config_error = str(error)
-            self.recorder.metrics.policy_reload_errors.inc()
+            self.recorder.metrics.reload_failed()
             log.error("proxy.yaml edit rejected, the last good tenants keep serving:\n%s", error)
             return
         self.config_error = None
         self.tenants, self.policies = tenants, policies
+        self.recorder.metrics.reloads.labels("ok").inc()
         log.info("tenants reloaded from %s: %s", self.settings.source, ", ".join(t.id for t in settings.tenants))
 
     async def guard_ready(self) -> bool:

@@ -13,6 +13,7 @@ The body timeouts are ASGI middleware (rsafe_proxy.middleware.BodyTimeout): they
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import math
@@ -212,8 +213,40 @@ def server_config(settings: Settings, app: ASGIApp, file_limit: int | None = Non
     return uvicorn.Config(app, **{**fixed, **options})
 
 
-def serve(settings: Settings, app: ASGIApp, **options: Any) -> None:
-    """Serve `app` until SIGTERM or SIGINT, then shut down gracefully."""
+class PortUnavailable(ValueError):
+    """The proxy cannot listen where it was told to (the port is taken, privileged, or the address not ours)."""
+
+
+_BIND_CAUSES = {
+    errno.EADDRINUSE: "the port is already in use (is another proxy running? choose another with --port)",
+    errno.EACCES: "permission denied (ports below 1024 need privileges; choose another with --port)",
+    errno.EADDRNOTAVAIL: "the address is not one of this machine's (see --host)",
+}
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port, ready for uvicorn to listen on. Bound before anything is loaded, so that a
+    port in use stops start-up at once with a clear message (PortUnavailable) instead of after the model load."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as error:
+        raise PortUnavailable(f"cannot listen on {host}:{port}: unknown host ({error.strerror})") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart may reuse TIME_WAIT
+    try:
+        sock.bind(address)
+    except OSError as error:
+        sock.close()
+        cause = _BIND_CAUSES.get(error.errno or 0, error.strerror or str(error))
+        raise PortUnavailable(f"cannot listen on {host}:{port}: {cause}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(settings: Settings, app: ASGIApp, listener: socket.socket | None = None, **options: Any) -> None:
+    """Serve `app` until SIGTERM or SIGINT, then shut down gracefully; on `listener` when given (see `bind`).
+    Logging is left as the caller set it up (rsafe_proxy.logs), uvicorn's loggers included."""
     file_limit = raise_file_limit()
-    config = server_config(settings, app, file_limit, **options)
-    ProxyServer(config, settings.server.shutdown_grace_s).run()
+    config = server_config(settings, app, file_limit, **{"log_config": None, **options})
+    ProxyServer(config, settings.server.shutdown_grace_s).run(sockets=None if listener is None else [listener])

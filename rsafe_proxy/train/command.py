@@ -140,7 +140,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--time-limit", type=float, metavar="SECONDS", help="checkpoint and stop once training has run this long"
     )
-    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rsafe_proxy.guard.embedded import embedded_adapter_dir, embedded_model_dir
+from rsafe_proxy.guard.embedded import embedded_adapter_dir, embedded_model_dir, quietly
 from rsafe_proxy.guard.engine import GuardContextExceeded, GuardEngineError, GuardOutput, Sampling, chat_messages
 from rsafe_proxy.guard.engines.fair import FairQueue
 from rsafe_proxy.guard.engines.prefix import PrefixStore, Tokens
@@ -115,7 +115,7 @@ class TransformersEngine:
             if self._runner is None:
                 loop = asyncio.get_running_loop()
                 try:
-                    self._runner = await loop.run_in_executor(self._executor, self._load)
+                    self._runner = await loop.run_in_executor(self._executor, quietly, self._load)
                 except Exception as exc:
                     raise GuardEngineError(f"could not load guard model {self._options[0]!r}: {exc}") from exc
             if self._server is None:
