@@ -14,6 +14,8 @@ from typing import Any, TypeVar
 import pydantic
 import yaml
 
+from rsafe_proxy.plainerrors import plain
+
 Model = TypeVar("Model", bound=pydantic.BaseModel)
 
 
@@ -138,26 +140,6 @@ def read_yaml(path: str | Path, transform: Callable[[str], str] | None = None) -
     return YamlDocument(name, data, lines)
 
 
-def _plain(error: Mapping[str, Any], location: Sequence[str | int]) -> str:
-    loc = ".".join(str(part) for part in location) or "(top level)"
-    kind = error["type"]
-    if kind == "extra_forbidden":
-        return f"unknown field '{loc}' (check its spelling)"
-    if kind == "missing":
-        return f"missing required field '{loc}'"
-    if kind == "too_short":
-        least = error.get("ctx", {}).get("min_length", 1)
-        return f"'{loc}': must not be empty" if least == 1 else f"'{loc}': must list at least {least} items"
-    message = str(error["msg"]).removeprefix("Value error, ")
-    found = error.get("input")
-    if kind in ("literal_error", "enum") or kind.endswith(("_type", "_parsing")):
-        if found is None:
-            message += " (the value is empty)"
-        elif isinstance(found, str | int | float | bool):
-            message += f" (found {found!r})"
-    return f"'{loc}': {message}"
-
-
 def _inside(location: Sequence[str | int], container: Sequence[str | int]) -> bool:
     return len(location) > len(container) and tuple(location[: len(container)]) == tuple(container)
 
@@ -179,5 +161,8 @@ def validate(document: YamlDocument, model: type[Model], context: Mapping[str, A
             if isinstance(part, InvalidPart):
                 loc.extend(part.location)
             line = document.line_of([*loc[:-1], f"{loc[-1]}\0key"]) if item["type"] == "extra_forbidden" else None
-            problems.append(Problem(document.path, line or document.line_of(loc), _plain(item, loc)))
+            message = plain(item, loc, document.data, model)
+            problems.append(Problem(document.path, line or document.line_of(loc), message))
+        # in the file's order, as a reader fixes them (pydantic lists them in the model's order)
+        problems.sort(key=lambda problem: problem.line or 0)
         raise FileInvalid(problems) from None

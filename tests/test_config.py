@@ -72,21 +72,21 @@ def test_bad_yaml_names_the_line(tmp_path: Path) -> None:
 
 def test_an_unknown_field_names_its_line(tmp_path: Path) -> None:
     path = write(tmp_path, "server:\n  port: 8080\n  max_body_byte: 10\n")
-    assert problems(path) == [f"{path}:3: unknown field 'server.max_body_byte' (check its spelling)"]
+    assert problems(path) == [f"{path}:3: server.max_body_byte is not a known field (did you mean 'max_body_bytes'?)"]
 
 
 def test_a_wrong_value_names_its_line_and_every_problem_is_listed(tmp_path: Path) -> None:
     path = write(tmp_path, "server:\n  port: high\nupstream:\n  base_url: ftp://x\n")
     found = problems(path)
     assert len(found) == 2
-    assert found[0].startswith(f"{path}:2: 'server.port'")
-    assert found[1].startswith(f"{path}:4: 'upstream.base_url': must be an http(s) URL")
+    assert found[0].startswith(f"{path}:2: server.port must be a whole number (got 'high')")
+    assert found[1].startswith(f"{path}:4: upstream.base_url must be an http(s) URL")
 
 
 def test_a_plain_key_in_the_file_is_refused(tmp_path: Path) -> None:
     path = write(tmp_path, "tenants:\n  - id: acme\n    keys: [sk-live-123]\n")
     [problem] = problems(path)
-    assert problem.startswith(f"{path}:3: 'tenants.0.keys'")
+    assert problem.startswith(f"{path}:3: tenants[acme].keys: ")
     assert "never the key itself" in problem
 
 
@@ -171,7 +171,7 @@ def test_the_embedded_model_gets_the_compact_template(guard: dict[str, object], 
 def test_score_mode_refuses_a_family_read_in_generate_mode_only(tmp_path: Path) -> None:
     path = write(tmp_path, "guard:\n  mode: score\n  template: gpt-oss-safeguard\n")
     assert problems(path) == [
-        f"{path}:3: 'guard.template': score mode reads \\boxed{{safe|unsafe}}; template family 'gpt-oss-safeguard' "
+        f"{path}:3: guard.template: score mode reads \\boxed{{safe|unsafe}}; template family 'gpt-oss-safeguard' "
         "is read in generate mode only"
     ]
     embedded = write(tmp_path, "guard:\n  template: llama-guard\n")  # the embedded model scores by default
@@ -184,5 +184,5 @@ def test_score_mode_refuses_a_family_read_in_generate_mode_only(tmp_path: Path) 
 def test_an_unknown_template_family_is_refused(tmp_path: Path) -> None:
     path = write(tmp_path, "guard:\n  url: http://guard/v1\n  template: llama_guard\n")
     [problem] = problems(path)
-    assert problem.startswith(f"{path}:3: 'guard.template'")
+    assert problem.startswith(f"{path}:3: guard.template: ")
     assert "unknown template family 'llama_guard'" in problem

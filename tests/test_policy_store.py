@@ -86,7 +86,8 @@ def test_an_invalid_edit_is_rejected_and_the_last_good_version_serves(
     assert store.reload_errors == 1
     errors = store.errors()
     assert list(errors) == ["shop"]
-    assert f"{policy_file}:4: 'categories.1.action'" in errors["shop"]
+    problem = f"{policy_file}:4: categories[S2].action must be one of: flag, rewrite, block (got 'maybe')"
+    assert problem in errors["shop"]
     assert f"keeps version {good.version}" in caplog.text
 
     # not reported again while the file stays as it is

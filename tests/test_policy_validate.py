@@ -65,13 +65,13 @@ CASES: list[tuple[str, Callable[[], str], str, str]] = [
         "unknown top-level field",
         _edit("default_action: block", "defaut_action: block"),
         "defaut_action",
-        "unknown field 'defaut_action'",
+        "defaut_action is not a known field (did you mean 'default_action'?)",
     ),
     (
         "misspelled category field",
         _edit("    action: flag", "    acton: flag"),
         "acton",
-        "unknown field 'categories.1.acton'",
+        "categories[B2].acton is not a known field (did you mean 'action'?)",
     ),
     (
         "field set twice",
@@ -83,51 +83,71 @@ CASES: list[tuple[str, Callable[[], str], str, str]] = [
         "missing categories",
         lambda: "id: demo\ndescription: no categories\n",
         "id: demo",
-        "missing required field 'categories'",
+        "categories is required",
     ),
-    ("empty categories", lambda: "id: demo\n\ncategories: []\n", "categories: []", "'categories': must not be empty"),
-    ("duplicate category id", _edit("id: B2", "id: a1"), "id: a1", "'a1' is already used by categories.0"),
+    ("empty categories", lambda: "id: demo\n\ncategories: []\n", "categories: []", "categories must not be empty"),
+    (
+        "duplicate category id",
+        _edit("id: B2", "id: a1"),
+        "id: a1",
+        "categories[1].id: 'a1' is already the id of categories[A1]",
+    ),
     (
         "bad action",
         _edit("action: flag", "action: deny"),
         "action: deny",
-        "'flag', 'rewrite' or 'block' (found 'deny')",
+        "categories[B2].action must be one of: flag, rewrite, block (got 'deny')",
     ),
-    ("bad side", _edit("side: both", "side: inputs"), "side: inputs", "'input', 'output' or 'both' (found 'inputs')"),
-    ("bad id characters", _edit("id: B2", "id: B 2!"), "id: B 2!", "'B 2!' is not a valid id"),
+    (
+        "bad side",
+        _edit("side: both", "side: inputs"),
+        "side: inputs",
+        "categories[A1].side must be one of: input, output, both (got 'inputs')",
+    ),
+    ("bad id characters", _edit("id: B2", "id: B 2!"), "id: B 2!", "categories[1].id: 'B 2!' is not a valid id"),
     ("dot in category id", _edit("id: B2", "id: b.2"), "id: b.2", "is not a valid id"),
     ("bad policy id", _edit("id: demo", "id: -demo"), "id: -demo", "'-demo' is not a valid id"),
     (
         "overlap >= window",
         _edit("overlap_chars: 120", "overlap_chars: 600"),
         "overlap_chars",
-        "must be smaller than window_chars",
+        "stream.overlap_chars must be smaller than window_chars",
     ),
-    ("window_chars not a number", _edit("window_chars: 600", "window_chars: lots"), "window_chars", "valid integer"),
+    (
+        "window_chars not a number",
+        _edit("window_chars: 600", "window_chars: lots"),
+        "window_chars",
+        "stream.window_chars must be a whole number (got 'lots')",
+    ),
     (
         "window_chars too small",
         _edit("window_chars: 600", "window_chars: 8"),
         "window_chars",
-        "greater than or equal to 16",
+        "stream.window_chars must be at least 16 (got 8)",
     ),
-    ("bad stream mode", _edit("mode: chunked", "mode: fast"), "mode: fast", "found 'fast'"),
+    (
+        "bad stream mode",
+        _edit("mode: chunked", "mode: fast"),
+        "mode: fast",
+        "stream.mode must be one of: chunked, buffer, async (got 'fast')",
+    ),
     (
         "on_guard_error invalid",
         _edit("on_guard_error: block", "on_guard_error: retry"),
         "on_guard_error",
-        "'block' or 'allow'",
+        "on_guard_error must be one of: block, allow (got 'retry')",
     ),
     (
         "example with bad expected",
         _edit("expected: safe", "expected: fine"),
         "expected: fine",
-        "'safe' or 'unsafe' (found 'fine')",
+        "examples[0].expected must be one of: safe, unsafe (got 'fine')",
     ),
     (
         "example without text",
         _edit("{text: hello, side: input, expected: safe}", "{side: input, expected: safe}"),
         "side: input",
-        "missing required field 'examples.0.text'",
+        "examples[0].text is required",
     ),
     (
         "markup in a category name",
@@ -141,7 +161,12 @@ CASES: list[tuple[str, Callable[[], str], str, str]] = [
         'name: "Beta',
         "must be one line",
     ),
-    ("empty category name", _edit("name: Beta", "name:  # TODO"), "# TODO", "(the value is empty)"),
+    (
+        "empty category name",
+        _edit("name: Beta", "name:  # TODO"),
+        "# TODO",
+        "categories[B2].name must be text (the value is empty)",
+    ),
     ("a list, not a mapping", lambda: "- id: demo\n- categories: []\n", "- id: demo", "must hold a mapping"),
     ("an empty file", lambda: "", "", "must hold a mapping"),
     ("two documents", lambda: GOOD + "---\nid: other\n", "---", "a second document"),
@@ -299,7 +324,7 @@ def test_check_prints_the_verdict_and_the_action(
     config = str(_config(guard, tmp_path))
     policy = str(POLICIES / "support-bot.yaml")
     check = ["--config", config, "check", "--policy", policy, "--side", "output", "--prompt", "hi", "--json"]
-    assert main([*check, f"Buy it at {UNSAFE} instead"]) == 0
+    assert main([*check, f"Buy it at {UNSAFE} instead"]) == 1  # unsafe: exit status 1
     result = json.loads(capsys.readouterr().out)
     assert (result["verdict"], result["action"], result["policy"]) == ("unsafe", "block", "support-bot")
     assert guard.judged("output") == [f"Buy it at {UNSAFE} instead"]

@@ -255,7 +255,9 @@ class Policy(_Frozen):
             first = seen.setdefault(category.id.upper(), index)
             if first != index:
                 # ids are read from the reasoning without regard to case, so U1 and u1 are the same category
-                raise InvalidPart([index, "id"], f"category id {category.id!r} is already used by categories.{first}")
+                other = categories[first].id
+                case = "" if other == category.id else " (ids are compared without regard to case)"
+                raise InvalidPart([index, "id"], f"{category.id!r} is already the id of categories[{other}]{case}")
         return categories
 
     @functools.cached_property
