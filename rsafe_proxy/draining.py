@@ -13,6 +13,8 @@ import re
 from collections.abc import AsyncIterator
 from typing import Any
 
+from rsafe_proxy.telemetry.context import decision_id
+
 SHUTDOWN_MESSAGE = "The proxy is shutting down; the request was stopped. Retry it."
 _SEQUENCE = re.compile(rb'"sequence_number"\s*:\s*(\d+)')
 
@@ -52,9 +54,11 @@ class Drain:
 class _Ending:
     """What a cut event stream ends with: the Responses API's `response.failed` (with the response the stream
     announced, so SDKs that track it accept the event), else the generic `data: {"error": ...}` that every
-    OpenAI SDK raises as an APIError."""
+    OpenAI SDK raises as an APIError. Either error object carries the request's decision id (`decision_id`),
+    as every error body does."""
 
-    def __init__(self) -> None:
+    def __init__(self, decision: str | None = None) -> None:
+        self.known = {} if decision is None else {"decision_id": decision}
         self.response: dict[str, Any] | None = None
         self.sequence = -1
         self.at_boundary = True
@@ -71,12 +75,18 @@ class _Ending:
     def event(self, message: str) -> bytes:
         blank = b"" if self.at_boundary else b"\n\n"  # close an event the stream had not finished
         if self.response is None:
-            error = {"message": message, "type": "server_error", "param": None, "code": "server_shutting_down"}
+            error = {
+                "message": message,
+                "type": "server_error",
+                "param": None,
+                "code": "server_shutting_down",
+                **self.known,
+            }
             return blank + b"data: " + json.dumps({"error": error}).encode() + b"\n\n"
         failed = {
             **self.response,
             "status": "failed",
-            "error": {"code": "server_error", "message": message},
+            "error": {"code": "server_error", "message": message, **self.known},
             "incomplete_details": None,
         }
         data = {"type": "response.failed", "response": failed, "sequence_number": self.sequence + 1}
@@ -99,7 +109,7 @@ async def until_drained(chunks: AsyncIterator[bytes], drain: Drain) -> AsyncIter
     """The event stream `chunks`, ended cleanly at the shutdown deadline: the wait for the next chunk is
     cancelled (and with it the upstream read and any screening), a final error event is sent, and the body ends
     as a well-formed chunked response. Held-back text that was not judged yet is never sent."""
-    ending = _Ending()
+    ending = _Ending(decision_id())  # the stream is sent in the request's trace context
     try:
         while True:
             try:
