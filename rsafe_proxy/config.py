@@ -51,7 +51,10 @@ class ServerSettings(_Frozen):
         "many seconds of opening, or of the first byte of its next request; else it is closed (slowloris).",
     )
     keep_alive_timeout_s: Annotated[int, Field(ge=1)] = Field(
-        5, description="An idle keep-alive connection is closed after this many seconds without a request."
+        20,
+        description="An idle keep-alive connection is closed after this many seconds without a request. Keep it "
+        "above the clients' own idle expiry (httpx and the OpenAI SDKs: 5 s), or a client can send a request on "
+        "a connection the proxy is closing at that moment.",
     )
     body_idle_timeout_s: Annotated[float, Field(gt=0)] = Field(
         15.0, description="A request body that sends nothing for this many seconds is answered 408."

@@ -42,8 +42,13 @@ class Event:
     plain: bool = True
 
 
-async def sse_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[Event]:
-    """Split a byte stream into SSE events (blank-line separated, CRLF or LF)."""
+# One event larger than this is no token stream: an upstream that never ends its event would fill the memory.
+MAX_EVENT_BYTES = 16 * 1024 * 1024
+
+
+async def sse_events(chunks: AsyncIterator[bytes], max_event_bytes: int = MAX_EVENT_BYTES) -> AsyncIterator[Event]:
+    """Split a byte stream into SSE events (blank-line separated, CRLF or LF); UpstreamUnavailable for an event
+    over `max_event_bytes`."""
     buffer = b""
     async for chunk in chunks:
         # normalised after joining: a CRLF split across two reads must not survive as "\r" + "\n"
@@ -51,6 +56,8 @@ async def sse_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[Event]:
         while b"\n\n" in buffer:
             raw, buffer = buffer.split(b"\n\n", 1)
             yield _event(raw + b"\n\n")
+        if len(buffer) > max_event_bytes:
+            raise UpstreamUnavailable(f"The upstream model sent a stream event over {max_event_bytes} bytes.")
     if buffer.strip():
         yield _event(buffer.rstrip(b"\n") + b"\n\n")
 

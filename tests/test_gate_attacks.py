@@ -6,6 +6,7 @@ with the scripted guard and the fake upstream; each test names the attack it sho
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,10 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from rsafe_proxy.config import Settings
+from rsafe_proxy.errors import UpstreamUnavailable
 from rsafe_proxy.policy.loading import load_policy
+from rsafe_proxy.streaming import sse_events
+from rsafe_proxy.upstream import Upstream
 from tests.conftest import MakeProxy
 from tests.doubles import UNSAFE, UNSAFE_ANSWER, FakeUpstream, ScriptedGuard
 from tests.serving import Proxy, Servers, proxy_config, start_proxy, write_policy
@@ -234,3 +238,18 @@ def test_a_stream_with_more_choices_than_asked_is_cut(
 def test_an_answer_hidden_by_zero_width_characters_is_judged(proxy: Proxy, upstream: FakeUpstream) -> None:
     upstream.crafted = completion("\u200b".join(UNSAFE_ANSWER))
     assert "\u200b".join(UNSAFE) not in post(proxy, CHAT, CHAT_BODY).text
+
+
+async def _endless() -> AsyncIterator[bytes]:
+    for _ in range(64):
+        yield b"x" * 1024
+
+
+@pytest.mark.anyio
+async def test_an_upstream_answer_too_large_to_hold_is_refused() -> None:
+    # a hostile or broken upstream must not fill the proxy's memory: a body is read no further than its bound
+    with pytest.raises(UpstreamUnavailable, match="over 10000 bytes"):
+        await Upstream.read(httpx.Response(200, content=_endless()), max_bytes=10_000)
+    with pytest.raises(UpstreamUnavailable, match="over 10000 bytes"):
+        async for _ in sse_events(_endless(), max_event_bytes=10_000):
+            pass

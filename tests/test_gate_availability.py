@@ -629,7 +629,7 @@ def test_the_guard_pool_size_is_configurable_and_defaults_to_64() -> None:
 
 def test_the_server_limits_have_safe_documented_defaults() -> None:
     server = Settings().server
-    assert (server.header_timeout_s, server.keep_alive_timeout_s) == (10.0, 5)
+    assert (server.header_timeout_s, server.keep_alive_timeout_s) == (10.0, 20)
     assert (server.body_idle_timeout_s, server.body_timeout_s) == (15.0, 120.0)
     assert (server.max_connections, server.shutdown_grace_s) == (4096, 30.0)
     schema = Settings.model_json_schema()["$defs"]["ServerSettings"]["properties"]
