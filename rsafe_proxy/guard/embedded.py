@@ -100,9 +100,13 @@ def embedded_adapter_dir() -> Path | None:
 def quiet_loading() -> Iterator[None]:
     """Silence what transformers and torch say while the embedded model loads that a user cannot act on (a
     GGUF dtype hint, deprecation notices meant for model authors); anything else still shows."""
+    from transformers.utils import logging as transformers_logging
+
     quiet = logging.getLogger("transformers")
     level = quiet.level
     quiet.setLevel(max(level, logging.ERROR))
+    bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # "Loading weights" says nothing
     with warnings.catch_warnings():
         for pattern in _UNACTIONABLE:
             warnings.filterwarnings("ignore", message=pattern)
@@ -110,6 +114,8 @@ def quiet_loading() -> Iterator[None]:
             yield
         finally:
             quiet.setLevel(level)
+            if bars:
+                transformers_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
 
 
 def quietly(load: Callable[[], T]) -> T:
