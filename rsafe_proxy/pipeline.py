@@ -14,26 +14,18 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Span
 
-from rsafe_proxy import litellm_api, responses_api
+from rsafe_proxy import dialects, litellm_api, responses_api
 from rsafe_proxy.bodies import (
     MAX_CHOICES,
     ChatRequest,
-    CompletionRequest,
     Kind,
-    acts_upstream,
     encode_json,
-    last_prompt,
-    offered_tools,
     parse_json,
     read_choice,
     read_extras,
     read_json,
     replace_choice,
-    request_fields,
-    request_turns,
     rewritten_message,
-    validate_chat,
-    validate_completion,
     without_extras,
     without_fields,
 )
@@ -50,28 +42,6 @@ from rsafe_proxy.telemetry import Recorder
 from rsafe_proxy.telemetry.context import inject, waited, waiting
 from rsafe_proxy.telemetry.genai import AnswerReading, UpstreamCall
 from rsafe_proxy.upstream import Upstream, forward_headers, returned_headers
-
-Request = ChatRequest | CompletionRequest | ResponsesRequest
-
-
-def _validated(kind: Kind, body: dict[str, Any]) -> tuple[Request, list[Turn], str]:
-    """The request checked for its kind, the turns the input screen judges, and the prompt an answer replies to."""
-    if kind == "responses":
-        request = responses_api.validate_responses(body)
-        turns = _offered(kind, body, responses_api.request_turns(request))
-        return request, turns, responses_api.request_prompt(request)
-    checked = validate_chat(body) if kind == "chat" else validate_completion(body)
-    return checked, _offered(kind, body, request_turns(checked)), last_prompt(checked)
-
-
-def _offered(kind: Kind, body: dict[str, Any], turns: list[Turn]) -> list[Turn]:
-    """`turns` after the request's other fields the model reads and the tool definitions and answer schema it
-    offers the model, if any."""
-    fields = request_fields(kind, body)
-    turns = turns if fields is None else [fields, *turns]
-    tools = offered_tools(body)
-    return turns if tools is None else [tools, *turns]
-
 
 # Which of several input decisions the request gets: the strictest (a guard error blocks before a rewrite).
 _SEVERITY: Mapping[Outcome, int] = {
@@ -122,7 +92,7 @@ class _Screening:
     call: Call
     kind: Kind
     body: dict[str, Any]
-    request: Request | None  # None for a GET of stored answers
+    request: dialects.Request | None  # None for a GET of stored answers
     turns: list[Turn]
     prompt: str
     span: Span
@@ -131,25 +101,6 @@ class _Screening:
     @property
     def context(self) -> Context:
         return trace.set_span_in_context(self.span)
-
-
-def _json(raw: bytes) -> Any:
-    """The JSON object of an upstream answer, read as a request is (one reading: an object whose keys repeat could
-    be judged in one reading and shown in another, and an answer unchanged is passed on as it came), or None."""
-    return read_json(raw)
-
-
-def _acts_upstream(kind: Kind, body: dict[str, Any]) -> bool:
-    """A request that makes the provider act (hosted tools, background work) waits for its input verdict,
-    whatever `input_screening` says: in parallel the provider would act on a prompt about to be blocked."""
-    return responses_api.acts_upstream(body) if kind == "responses" else acts_upstream(body)
-
-
-def _answer(value: Any, kind: Kind) -> dict[str, Any]:
-    """A generated answer the proxy can screen (its choices, or its output, a list), else UpstreamUnavailable."""
-    if not isinstance(value, dict) or not isinstance(value.get("output" if kind == "responses" else "choices"), list):
-        raise UpstreamUnavailable("The upstream model sent an answer the proxy cannot read.")
-    return value
 
 
 async def _upstream_error(response: httpx.Response) -> bool:
@@ -300,8 +251,10 @@ class Pipeline:
             state.opened[id(response)] = upstream_call
         return response
 
-    async def _read(self, state: _Screening, response: httpx.Response) -> bytes:
-        """The whole upstream answer (waited for); its client span ends with what the answer says."""
+    async def _read(self, state: _Screening, response: httpx.Response) -> tuple[bytes, Any]:
+        """The whole upstream answer (waited for) and, for a 200, its JSON value, read once (one reading: an
+        object whose keys repeat could be judged in one reading and shown in another), else None; its client
+        span ends with what the answer says."""
         upstream_call = state.opened.pop(id(response), None)
         try:
             with waiting():
@@ -310,12 +263,12 @@ class Pipeline:
             if upstream_call is not None:
                 upstream_call.done(error=error)
             raise
+        value = read_json(raw) if response.status_code == 200 else None
         if upstream_call is not None:
             reading = AnswerReading()
-            if response.status_code == 200:
-                reading.read(_json(raw))
+            reading.read(value)
             upstream_call.done(reading)
-        return raw
+        return raw, value
 
     def _end(self, state: _Screening) -> None:
         """End the request's span, and the spans of upstream calls it discarded unread."""
@@ -357,7 +310,7 @@ class Pipeline:
     async def complete(self, call: Call, kind: Kind) -> Reply | StreamReply:
         """POST /v1/chat/completions, /v1/completions or /v1/responses, screened on both sides."""
         body = parse_json(call.body)
-        request, turns, prompt = _validated(kind, body)
+        request, turns, prompt = dialects.validated(kind, body)
         # the upstream gets the body that was judged, re-encoded, never the client's bytes (one reading)
         call = replace(call, body=encode_json(body))
         span = self._request_span(
@@ -382,7 +335,7 @@ class Pipeline:
         call = state.call
         upstream: asyncio.Task[httpx.Response] | None = None
         screening = asyncio.create_task(self.screen_input(state))
-        if self.parallel and not _acts_upstream(state.kind, state.body):
+        if self.parallel and not dialects.acts_upstream(state.kind, state.body):
             upstream = asyncio.create_task(self._open(state, call, call.body))
         try:
             verdict, decision, judged = await screening
@@ -403,17 +356,17 @@ class Pipeline:
         if decision.outcome is Outcome.REWRITE:
             await _discard(upstream)
             upstream = None
-            content = json.dumps(self._rewritten(state, judged, decision.message)).encode()
+            content = encode_json(self._rewritten(state, judged, decision.message))
         if upstream is None:
             upstream = asyncio.create_task(self._open(state, call, content))
         response = await upstream
         headers = {**returned_headers(response.headers), **self._headers(state, decision)}
         if await _upstream_error(response):
-            return Reply(response.status_code, await self._read(state, response), headers)
+            return Reply(response.status_code, (await self._read(state, response))[0], headers)
         if stream and response.headers.get("content-type", "").startswith("text/event-stream"):
             return StreamReply(200, headers, self._stream(state, response))
-        raw = await self._read(state, response)
-        body = await self._screen_answer(state, raw)
+        raw, value = await self._read(state, response)
+        body = await self._screen_answer(state, raw, value)
         # x-rsafe-overhead-ms (the proxy's own time) is set on every response by telemetry.http.TraceRequests
         return Reply(200, body, headers)
 
@@ -457,18 +410,17 @@ class Pipeline:
             response = await self._open(state, call, call.body or None)
             headers = returned_headers(response.headers)
             if await _upstream_error(response):
-                return Reply(response.status_code, await self._read(state, response), headers)
+                return Reply(response.status_code, (await self._read(state, response))[0], headers)
             if response.headers.get("content-type", "").startswith("text/event-stream"):  # a resumed stream
                 streamed = True
                 return StreamReply(200, headers, self._stream(state, response))
-            raw = await self._read(state, response)
-            value = _json(raw)
+            raw, value = await self._read(state, response)
             if isinstance(value, dict) and value.get("object") == "list" and isinstance(value.get("data"), list):
-                items = [_answer(item, kind) for item in value["data"]]
+                items = [dialects.answer(item, kind) for item in value["data"]]
                 screened = list(await asyncio.gather(*(self._screened(state, item) for item in items)))
                 changed = any(new is not old for new, old in zip(screened, items, strict=True))
                 return Reply(200, json.dumps({**value, "data": screened}).encode() if changed else raw, headers)
-            answer = _answer(value, kind)
+            answer = dialects.answer(value, kind)
             screened_one = await self._screened(state, answer)
             return Reply(200, raw if screened_one is answer else json.dumps(screened_one).encode(), headers)
         except Exception as error:
@@ -501,9 +453,10 @@ class Pipeline:
         finally:
             span.end()
 
-    async def _screen_answer(self, state: _Screening, raw: bytes) -> bytes:
-        """Screen a non-streamed answer; what the policy stops is replaced (the bytes are kept when nothing is)."""
-        answer = _answer(_json(raw), state.kind)
+    async def _screen_answer(self, state: _Screening, raw: bytes, value: Any) -> bytes:
+        """Screen a non-streamed answer (`raw`, read as `value`); what the policy stops is replaced (the bytes are
+        kept when nothing is)."""
+        answer = dialects.answer(value, state.kind)
         screened = await self._screened(state, answer)
         return raw if screened is answer else json.dumps(screened).encode()
 
