@@ -51,6 +51,18 @@ def wait_ready(url: str, timeout: float = 120) -> None:
     raise RuntimeError(f"{url} did not come up")
 
 
+def proxy_env(upstream_port: int, guard_port: int, work: str, upstream_key: str) -> dict[str, str]:
+    """The environment of `rsafe-proxy serve` in front of the doubles on these ports (spans into `work`)."""
+    return {
+        **os.environ,
+        "OPENAI_BASE_URL": f"http://127.0.0.1:{upstream_port}/v1",
+        "OPENAI_API_KEY": upstream_key,
+        "RSAFE_GUARD_URL": f"http://127.0.0.1:{guard_port}/v1",
+        "RSAFE_GUARD_MODEL": "scripted-guard",
+        "RSAFE_SPANS_FILE": os.path.join(work, "spans.jsonl"),
+    }
+
+
 @contextmanager
 def process(
     command: list[str], ready_url: str, env: dict[str, str] | None = None, cwd: str | None = None
@@ -104,14 +116,7 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="rsafe-bench-")
     up, guard, proxy, lite, guarded = free_port(), free_port(), free_port(), free_port(), free_port()
     python = sys.executable
-    env = dict(os.environ)
-    env.update(
-        OPENAI_BASE_URL=f"http://127.0.0.1:{up}/v1",
-        OPENAI_API_KEY="sk-bench",
-        RSAFE_GUARD_URL=f"http://127.0.0.1:{guard}/v1",
-        RSAFE_GUARD_MODEL="scripted-guard",
-        RSAFE_SPANS_FILE=os.path.join(work, "spans.jsonl"),
-    )
+    env = proxy_env(up, guard, work, "sk-bench")
     exe = shutil.which("rsafe-proxy", path=os.path.dirname(python)) or "rsafe-proxy"
     targets = [("direct upstream", f"http://127.0.0.1:{up}/v1/chat/completions")]
     with (

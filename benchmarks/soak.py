@@ -30,12 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-from proxy_overhead import free_port, wait_ready
+from proxy_overhead import free_port, proxy_env, wait_ready
 
 HERE = Path(__file__).resolve().parent
 TOKEN_DELAY_S = 0.02  # between streamed words: a 36-word answer streams in about 0.7 s
 PROMPT_WORDS = " ".join(f"w{number}" for number in range(32))
-IDLE_AFTER_S = 8.0  # past the keep-alive timeout (5 s): the clients' connections are closed by then
+IDLE_AFTER_S = 8.0  # the clients have closed their pools by then: what stays open is the proxy's own
 
 
 def serve_double(kind: str, port: int, delay_s: float) -> None:
@@ -206,14 +206,7 @@ def main() -> None:
 
     work = tempfile.mkdtemp(prefix="rsafe-soak-")
     up, guard, proxy = free_port(), free_port(), free_port()
-    env = dict(os.environ)
-    env.update(
-        OPENAI_BASE_URL=f"http://127.0.0.1:{up}/v1",
-        OPENAI_API_KEY="sk-soak",
-        RSAFE_GUARD_URL=f"http://127.0.0.1:{guard}/v1",
-        RSAFE_GUARD_MODEL="scripted-guard",
-        RSAFE_SPANS_FILE=os.path.join(work, "spans.jsonl"),
-    )
+    env = proxy_env(up, guard, work, "sk-soak")
     exe = shutil.which("rsafe-proxy", path=os.path.dirname(sys.executable)) or "rsafe-proxy"
     proxy_command = [exe, "serve", "--port", str(proxy), "--log-level", "warning"]
     url = f"http://127.0.0.1:{proxy}/v1/chat/completions"

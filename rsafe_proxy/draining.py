@@ -26,11 +26,6 @@ class Drain:
         self._deadline: float | None = None
         self._scopes: set[asyncio.Timeout] = set()
 
-    @property
-    def draining(self) -> bool:
-        """True once shutdown has begun."""
-        return self._deadline is not None
-
     def begin(self, grace_s: float) -> None:
         """Shutdown begins: every bounded wait, running or to come, ends `grace_s` from now (the first call
         counts). Must be called on the event loop."""

@@ -140,11 +140,6 @@ def read_answer(answer: dict[str, Any], streamed: bool = False) -> channels.Read
     return channels.Reading(reading.texts, reading.unjudged, {**rest, **reading.value})
 
 
-def answer_text(answer: dict[str, Any]) -> str:
-    """The text of a response's output items (see read_answer), function calls as `name(arguments)`."""
-    return "\n".join(read_answer(answer).texts)
-
-
 def _message_item(message: str) -> dict[str, Any]:
     return {
         "type": "message",
