@@ -15,6 +15,15 @@ from tests.serving import Proxy, Servers, proxy_config, start_proxy
 MakeProxy = Callable[..., Proxy]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """RSAFE_STATE_DIR for the whole run (subprocesses included): no test writes an audit log into the home."""
+    directory = tmp_path_factory.mktemp("state")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RSAFE_STATE_DIR", str(directory))
+        yield directory
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"

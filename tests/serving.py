@@ -148,6 +148,7 @@ def proxy_config(upstream_url: str, guard_url: str, directory: Path, **overrides
         "guard": {"engine": "openai", "url": f"{guard_url}/v1", "model": "scripted-guard", "timeout_s": 2},
         "tenants": [{"id": "default", "anonymous": True, "policy": "rsafe-default"}],
         "telemetry": {"spans_file": str(directory / "spans.jsonl")},
+        "audit": {"url": str(directory / "decisions.db")},
         "policy_reload_s": 0,
         "base_dir": str(directory),
     }
@@ -180,6 +181,12 @@ class Proxy:
     def stop(self) -> None:
         """Shut the proxy down now (its lifespan flushes the spans file)."""
         self.served.stop()
+
+    @property
+    def audit_file(self) -> Path:
+        """The SQLite file of the proxy's audit log."""
+        assert self.settings.audit.url
+        return Path(self.settings.audit.url)
 
     @property
     def spans_file(self) -> Path:

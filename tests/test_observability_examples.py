@@ -183,4 +183,5 @@ def test_the_alert_rules_have_the_prometheus_rule_file_shape() -> None:
         "RSafeOverheadP99High",
         "RSafeBlockRateSpike",
         "RSafePolicyReloadFailed",
+        "RSafeAuditDecisionsDropped",
     }

@@ -20,6 +20,32 @@ def bounded(value: str, known: frozenset[str] | None = None) -> str:
     return value if _LABEL.fullmatch(value) else "other"
 
 
+class AuditCounters:
+    """What the audit log's writer counts: decisions stored, and decisions dropped by reason (the queue was
+    full, the store failed, or the proxy was shutting down)."""
+
+    REASONS = ("queue_full", "store_error", "shutdown")
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.written_total = Counter("rsafe_audit_written", "Decisions stored in the audit log", registry=registry)
+        self.dropped_total = Counter(
+            "rsafe_audit_dropped",
+            "Decisions not stored in the audit log (traffic is never held up for it), by reason",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in self.REASONS:  # every reason shown from the start, at 0
+            self.dropped_total.labels(reason)
+
+    def written(self, count: int) -> None:
+        """`count` decisions were stored."""
+        self.written_total.inc(count)
+
+    def dropped(self, reason: str, count: int) -> None:
+        """`count` decisions were not stored, for `reason`."""
+        self.dropped_total.labels(bounded(reason, frozenset(self.REASONS))).inc(count)
+
+
 class Metrics:
     """Every metric the proxy exposes on /metrics."""
 
@@ -85,6 +111,7 @@ class Metrics:
         self.guard_ready = Gauge(
             "rsafe_guard_ready", "1 when the guard can serve verdicts (probed in the background)", registry=registry
         )
+        self.audit = AuditCounters(registry)
 
     def reload_failed(self, count: int = 1) -> None:
         """`count` rejected edits."""
