@@ -10,6 +10,7 @@ from starlette.middleware import Middleware
 from starlette.types import ASGIApp
 
 from rsafe_proxy.config import Settings
+from rsafe_proxy.console.routes import Console
 from rsafe_proxy.middleware import BodyLimit, BodyTimeout, ErrorBoundary
 from rsafe_proxy.paths import CanonicalPath
 from rsafe_proxy.policy.store import PolicyStore
@@ -41,8 +42,10 @@ def build_app(settings: Settings) -> ASGIApp:
         runtime = getattr(proxy.state, "runtime", None)
         return runtime is not None and carries_key(runtime, value)
 
+    # the console's pages go before the proxy's catch-all routes; off, /console is an unknown path like any other
+    routes = [*Console(settings.console).routes, *ROUTES] if settings.console.enabled else ROUTES
     proxy = Starlette(
-        routes=ROUTES,
+        routes=routes,
         lifespan=lifespan,
         middleware=[
             # outermost: every request, refused ones included, has its server span and decision id

@@ -16,6 +16,7 @@ from starlette.routing import Route
 
 from rsafe_proxy import litellm_api
 from rsafe_proxy.bodies import encode_json, parse_json
+from rsafe_proxy.console.keys import ConsoleKeys
 from rsafe_proxy.draining import SHUTDOWN_MESSAGE, Drain, until_drained
 from rsafe_proxy.errors import InvalidRequest, NotFound, ProxyError, ServerShuttingDown, Unauthorized
 from rsafe_proxy.paths import pattern_matches
@@ -71,9 +72,19 @@ def _admin_keys(runtime: Runtime) -> KeyRing:
     return KeyRing(configured_digests(keys, os.environ) if keys else ())
 
 
+def _console_keys(runtime: Runtime) -> KeyRing:
+    """The console's keys (console.admin_key, console.tenant_keys), when it is on: credentials like the others."""
+    console = runtime.settings.console
+    return ConsoleKeys.read(console, os.environ).ring if console.enabled else KeyRing(())
+
+
 def carries_key(runtime: Runtime, value: str) -> bool:
-    """True when `value` (a header or query value) carries a proxy key or an admin key anywhere."""
-    return runtime.tenants.keys.carried_by(value) or _admin_keys(runtime).carried_by(value)
+    """True when `value` (a header or query value) carries a proxy key, an admin key or a console key anywhere."""
+    return (
+        runtime.tenants.keys.carried_by(value)
+        or _admin_keys(runtime).carried_by(value)
+        or _console_keys(runtime).carried_by(value)
+    )
 
 
 def _one(request: Request, name: str) -> str | None:
@@ -111,7 +122,7 @@ async def _call(request: Request) -> Call:
         method=request.method,
         path=raw_path.decode("ascii").removeprefix("/v1").lstrip("/"),
         query=request.scope["query_string"].decode("ascii"),
-        headers=_forwardable(request, tenant, (tenants.keys, _admin_keys(runtime))),
+        headers=_forwardable(request, tenant, (tenants.keys, _admin_keys(runtime), _console_keys(runtime))),
         body=b"" if request.method in ("GET", "HEAD") else body,  # a GET body has no meaning: none goes on
         tenant=tenant,
         policy=runtime.policies.get(tenant.id),
