@@ -1,11 +1,14 @@
-"""End to end: `run_train` on a tiny random-weight Llama built on the fly (real optimizer steps, real reward)."""
+"""End to end: `run_train` on TRL with a tiny random-weight Llama built on the fly (real optimizer steps, real
+rollouts and reward, real checkpoints and resume)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -127,6 +130,10 @@ def log_records(out: Path) -> list[dict[str, object]]:
     return [json.loads(line) for line in (out / "log.jsonl").read_text(encoding="utf-8").splitlines()]
 
 
+def steps(out: Path, phase: str) -> list[object]:
+    return [record["step"] for record in log_records(out) if record["phase"] == phase]
+
+
 def test_train_end_to_end_then_resume(tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
     argv = arguments(tiny_model, tmp_path, out, "--sft-epochs", "2", "--grpo-steps", "3", "--grpo-beta", "0.04")
@@ -134,55 +141,108 @@ def test_train_end_to_end_then_resume(tiny_model: Path, tmp_path: Path, capsys: 
     assert run_train(parse(argv)) == 0
 
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
-    assert summary["sft_steps"] >= 4 and summary["grpo_steps"] == 3
+    assert summary["trainer"] == "trl" and summary["sft_steps"] == 4 and summary["grpo_steps"] == 3
     sets = {f"{name} [{family}]" for name in ("held-out", "rows") for family in ("rsafe-compact", "rsafe")}
     assert set(summary["before"]) == sets == set(summary["after"])
     assert summary["after"]["rows [rsafe]"]["n"] == len(ROWS)
+    assert summary["tokens_trained"] > 0
     records = log_records(out)
     sft = [record for record in records if record["phase"] == "sft"]
     grpo = [record for record in records if record["phase"] == "grpo"]
-    assert len(sft) == summary["sft_steps"] and all(isinstance(record["loss"], float) for record in sft)
-    assert len(grpo) == 3 and all(0.0 <= float(str(record["reward"])) <= 1.0 for record in grpo)
-    assert (out / "adapter" / "adapter_config.json").is_file()
-    assert (out / "adapter" / "adapter_model.safetensors").is_file()
-    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
-        tiny_model
-    )
-    assert list_checkpoints(out)[-1].name.startswith("done-")
+    assert [record["step"] for record in sft] == [1, 2, 3, 4] and all(isinstance(r["loss"], float) for r in sft)
+    # the reward and its two terms are logged at every GRPO step, within their ranges
+    assert [record["step"] for record in grpo] == [1, 2, 3]
+    for record in grpo:
+        assert 0.0 <= float(str(record["reward"])) <= 1.0
+        assert 0.0 <= float(str(record["accuracy"])) <= float(str(record["format"])) <= 1.0
+        assert "kl" in record  # --grpo-beta: the KL term against the base model is computed
+    assert sorted(path.name for path in (out / "adapter").iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tiny_model) and config["r"] == 8
+    assert {str(v.dtype) for v in adapter_weights(out).values()} == {"torch.bfloat16"}
+    assert [path.name for path in list_checkpoints(out, "grpo")] == ["checkpoint-2", "checkpoint-3"]
     printed = capsys.readouterr().out
     assert "held-out [rsafe] (before)" in printed and "rows [rsafe-compact] (after)" in printed
 
-    # asking for more GRPO steps resumes from the last checkpoint: no SFT again, the eval-before kept
+    # asking for more GRPO steps resumes from the last checkpoint: no SFT again, the evaluation before kept
     resumed = arguments(tiny_model, tmp_path, out, "--sft-epochs", "2", "--grpo-steps", "5", "--resume")
-    resumed += ["--template", "rsafe-compact", "--template", "rsafe"]
-    (out / "eval-after.json").unlink()
+    resumed += ["--template", "rsafe-compact", "--template", "rsafe", "--grpo-beta", "0.04"]
+    before_file = (out / "eval-before.json").stat().st_mtime_ns
     assert run_train(parse(resumed)) == 0
-    assert [record["step"] for record in log_records(out) if record["phase"] == "grpo"] == [1, 2, 3, 4, 5]
-    assert json.loads((out / "summary.json").read_text(encoding="utf-8"))["before"] == summary["before"]
+    assert steps(out, "sft") == [1, 2, 3, 4] and steps(out, "grpo") == [1, 2, 3, 4, 5]
+    again = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert again["before"] == summary["before"] and again["grpo_steps"] == 5
+    assert (out / "eval-before.json").stat().st_mtime_ns == before_file  # same key: read back, not recomputed
 
 
-def adapter_weights(out: Path) -> dict[str, object]:
+def adapter_weights(out: Path, folder: str = "adapter") -> dict[str, Any]:
     from safetensors.torch import load_file
 
-    return dict(load_file(str(out / "adapter" / "adapter_model.safetensors")))
+    return dict(load_file(str(out / folder / "adapter_model.safetensors")))
 
 
 def test_an_interrupted_run_resumes_where_it_stopped(tiny_model: Path, tmp_path: Path) -> None:
-    common = ("--sft-epochs", "2", "--grpo-steps", "2", "--eval-max", "0", "--adapter-dtype", "float32")
+    """Stopped in the warm-up, then in GRPO, then resumed to the end: the same steps and the same weights as
+    one uninterrupted run (the trainers' checkpoints hold the optimizer, scheduler and RNG states)."""
+    common = ("--sft-epochs", "2", "--grpo-steps", "3", "--eval-max", "0", "--adapter-dtype", "float32")
     whole = tmp_path / "whole"
     assert run_train(parse(arguments(tiny_model, tmp_path, whole, *common))) == 0
 
     parts = tmp_path / "parts"
     assert run_train(parse(arguments(tiny_model, tmp_path, parts, *common, "--stop-after", "3"))) == 0
-    assert list_checkpoints(parts)[-1].name == "sft-000003"
-    assert not (parts / "summary.json").exists()
+    assert [path.name for path in list_checkpoints(parts, "sft")] == ["checkpoint-2", "checkpoint-3"]
+    assert not (parts / "summary.json").exists() and not (parts / "adapter").exists()
+    resumed = arguments(tiny_model, tmp_path, parts, *common, "--resume", "--stop-after", "2")
+    assert run_train(parse(resumed)) == 0  # SFT step 4, then GRPO step 1
+    assert steps(parts, "sft") == [1, 2, 3, 4] and steps(parts, "grpo") == [1]
     assert run_train(parse(arguments(tiny_model, tmp_path, parts, *common, "--resume"))) == 0
 
-    assert [record["step"] for record in log_records(parts)] == [record["step"] for record in log_records(whole)]
-    expected, resumed = adapter_weights(whole), adapter_weights(parts)
-    assert expected.keys() == resumed.keys()
+    assert steps(parts, "sft") == steps(whole, "sft") and steps(parts, "grpo") == steps(whole, "grpo") == [1, 2, 3]
+    for phase in ("sft", "grpo"):
+        logged = {r["step"]: r["loss"] for r in log_records(whole) if r["phase"] == phase}
+        assert {r["step"]: r["loss"] for r in log_records(parts) if r["phase"] == phase} == pytest.approx(logged)
+    expected, resumed_weights = adapter_weights(whole), adapter_weights(parts)
+    assert expected.keys() == resumed_weights.keys()
     for name, tensor in expected.items():
-        assert torch.allclose(tensor, resumed[name], atol=1e-6), name
+        assert torch.allclose(tensor, resumed_weights[name], atol=1e-6), name
+    # and training moved them: the exported adapter is not the fresh initialisation
+    assert any(float(tensor.abs().max()) > 0 for name, tensor in expected.items() if "lora_B" in name)
+
+
+def test_a_run_in_a_used_folder_needs_resume(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    common = ("--sft-epochs", "1", "--eval-max", "0", "--stop-after", "1")
+    assert run_train(parse(arguments(tiny_model, tmp_path, out, *common))) == 0
+    assert run_train(parse(arguments(tiny_model, tmp_path, out, *common))) == 2
+    assert "already holds a run: add --resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (("--held-out", "1.5"), "--held-out must be in [0, 1)"),
+        (("--batch-size", "0"), "--batch-size must be at least 1"),
+        (("--grpo-steps", "2", "--rollouts", "1"), "--rollouts must be at least 2"),
+        (("--rollout-engine", "vllm-server"), "needs --vllm-server-url"),
+        (("--lora-r", "0"), "--lora-r must be at least 1"),
+    ],
+)
+def test_bad_options_are_refused_before_anything_runs(tmp_path: Path, extra: tuple[str, ...], message: str) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        run_train(parse(["--data", "rows.jsonl", "--out", str(out), *extra]))
+    assert not out.exists()
+
+
+def test_nothing_to_train_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--data", "rows.jsonl", "--out", str(tmp_path / "out"), "--sft-epochs", "0"]
+    assert run_train(parse(argv)) == 2
+    assert "nothing to train" in capsys.readouterr().err
 
 
 def test_a_family_with_a_system_message_is_refused_before_anything_runs(
@@ -238,19 +298,25 @@ def test_long_content_is_shortened_to_fit(tiny_model: Path) -> None:
 
 
 @pytest.mark.slow
-def test_real_embedded_model_two_sft_steps(tmp_path: Path) -> None:
-    """Two real optimizer steps on Gemma 3 270M with a two-category policy and a short max length."""
+def test_real_embedded_model_one_sft_and_one_grpo_step(tmp_path: Path) -> None:
+    """Gemma 3 270M on TRL: one SFT step and one GRPO step (two rollouts), a two-category policy, a short max
+    length; the adapter comes out in PEFT's layout, naming the base as given."""
     out = tmp_path / "run"
     data = tmp_path / "rows.jsonl"
     write_rows(data)
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY, encoding="utf-8")
     argv = ["--data", str(data), "--policy", str(policy), "--model", "embedded", "--out", str(out),
-            "--max-length", "160", "--held-out", "0", "--max-examples", "2", "--batch-size", "1",
-            "--sft-epochs", "1", "--eval-max", "0", "--no-progress", "--threads", "1"]  # fmt: skip
+            "--max-length", "160", "--held-out", "0", "--max-examples", "2", "--batch-size", "2",
+            "--sft-epochs", "1", "--grpo-steps", "1", "--grpo-prompts", "1", "--rollouts", "2",
+            "--max-new-tokens", "8", "--eval-max", "0", "--no-progress", "--threads", "2"]  # fmt: skip
     assert run_train(parse(argv)) == 0
-    losses = [record["loss"] for record in log_records(out)]
-    assert len(losses) == 2 and all(isinstance(loss, float) and loss > 0 for loss in losses)
+    records = log_records(out)
+    assert [(r["phase"], r["step"]) for r in records] == [("sft", 1), ("grpo", 1)]
+    assert isinstance(records[0]["loss"], float) and float(records[0]["loss"]) > 0
+    assert 0.0 <= float(str(records[1]["reward"])) <= 1.0
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text(encoding="utf-8"))
+    assert config["base_model_name_or_path"] == "embedded"
 
 
 @pytest.mark.slow

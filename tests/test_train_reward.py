@@ -80,44 +80,16 @@ def test_reward_takes_only_its_three_values() -> None:
     assert {round(reward(output, gold), 6) for output in outputs for gold in ("safe", "unsafe")} <= {0.0, 0.1, 1.0}
 
 
-torch = pytest.importorskip("torch")
+def test_trl_reward_functions_sum_to_the_reward() -> None:
+    """The two functions GRPOTrainer gets, weighted 0.9 and 0.1, give `reward` for plain and chat completions."""
+    from rsafe_proxy.train.reward import REWARD_FUNCTIONS, REWARD_WEIGHTS, accuracy_score, format_score
 
-from rsafe_proxy.train.grpo import answer_mask, group_advantages, policy_loss, prompt_order  # noqa: E402
-
-
-@pytest.mark.parametrize(
-    ("rewards", "size", "expected"),
-    [
-        ([1.0, 0.1, 1.0, 0.1], 4, [1.0, -1.0, 1.0, -1.0]),
-        ([1.0, 1.0, 0.0, 0.0, 0.1, 0.1], 2, [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]),  # no spread, no signal
-        ([1.0, 0.0, 0.0, 0.0], 4, [math.sqrt(3), -1 / math.sqrt(3), -1 / math.sqrt(3), -1 / math.sqrt(3)]),
-    ],
-)
-def test_group_advantages(rewards: list[float], size: int, expected: list[float]) -> None:
-    assert group_advantages(rewards, size) == pytest.approx(expected, abs=1e-3)
-
-
-def test_group_advantages_need_whole_groups() -> None:
-    with pytest.raises(ValueError, match="groups of 4"):
-        group_advantages([1.0, 0.0, 1.0], 4)
-
-
-def test_answer_mask_keeps_tokens_through_the_first_stop() -> None:
-    completions = torch.tensor([[5, 6, 9, 0, 0], [5, 9, 7, 9, 0], [5, 6, 7, 8, 4]])
-    assert answer_mask(completions, [9]).tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
-
-
-def test_policy_loss_pushes_up_the_better_answer() -> None:
-    log_probs = torch.tensor([[-1.0, -1.0], [-1.0, -1.0]], requires_grad=True)
-    keep = torch.tensor([[1, 1], [1, 0]])
-    loss = policy_loss(log_probs, keep, torch.tensor([1.0, -1.0]), None, 0.0)
-    loss.backward()  # type: ignore[no-untyped-call]
-    assert log_probs.grad is not None
-    # descent raises the log-probabilities of the positive-advantage answer, lowers the other's, ignores padding
-    assert log_probs.grad.tolist() == [[-0.25, -0.25], [0.5, 0.0]]
-
-
-def test_prompt_order_covers_every_example_once_per_pass() -> None:
-    first_pass = [index for step in range(5) for index in prompt_order(10, step, 2, seed=3)]
-    assert sorted(first_pass) == list(range(10))
-    assert prompt_order(10, 7, 2, seed=3) == prompt_order(10, 7, 2, seed=3)
+    assert [function.__name__ for function in REWARD_FUNCTIONS] == ["accuracy_score", "format_score"]
+    outputs = [GOOD, "<think>x</think>\\boxed{unsafe}", "\\boxed{safe}", ""]
+    labels = ["safe", "safe", "safe", "unsafe"]
+    for completions in (outputs, [[{"role": "assistant", "content": text}] for text in outputs]):
+        terms = [function(completions=completions, label=labels, prompts=[]) for function in REWARD_FUNCTIONS]
+        assert terms[0] == accuracy_score(completions, labels) == [1.0, 0.0, 0.0, 0.0]
+        assert terms[1] == format_score(completions) == [1.0, 1.0, 0.0, 0.0]
+        totals = [sum(w * t[i] for w, t in zip(REWARD_WEIGHTS, terms, strict=True)) for i in range(len(outputs))]
+        assert totals == pytest.approx([reward(text, gold) for text, gold in zip(outputs, labels, strict=True)])

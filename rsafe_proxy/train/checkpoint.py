@@ -1,44 +1,22 @@
-"""Run state, checkpoints and the step log of a training run (`OUT/checkpoints/`, `OUT/log.jsonl`).
+"""Where a run keeps its files in `OUT/`, and what a resumed run reads back.
 
-A checkpoint holds the LoRA weights, the optimizer state and the position in the run (phase, epoch, batch,
-step), so `--resume` continues from the exact batch after it. Only the newest few are kept.
+- `checkpoints/sft/checkpoint-N`, `checkpoints/grpo/checkpoint-N`: the trainers' own checkpoints (weights or
+  LoRA weights, optimizer, scheduler, RNG states, trainer state); the newest `KEEP` of each phase are kept.
+- `stages/sft/`: the warm-up's result, written when it ends; GRPO starts from it.
+- `log.jsonl`: one line per optimizer step (and per evaluation); `run.json`: seconds spent over all invocations.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
+import re
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 KEEP = 2
-
-
-@dataclass
-class RunState:
-    """Where a run stands. `phase` is sft, grpo or done; counters are of optimizer steps and batches."""
-
-    phase: str = "sft"
-    epoch: int = 0
-    batch_index: int = 0
-    sft_steps: int = 0
-    grpo_steps: int = 0
-    tokens: int = 0
-    elapsed_s: float = 0.0
-    history: dict[str, list[float]] = field(default_factory=dict)
-
-    @property
-    def step(self) -> int:
-        """Optimizer steps taken in all phases."""
-        return self.sft_steps + self.grpo_steps
-
-    def remember(self, key: str, value: float) -> None:
-        """Append a logged value (loss, reward) to the history kept for the summary."""
-        self.history.setdefault(key, []).append(value)
+PHASES = ("sft", "grpo")
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
 class StepLog:
@@ -52,52 +30,58 @@ class StepLog:
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
 
-
-def checkpoint_dir(out: Path) -> Path:
-    """The folder that holds the run's checkpoints."""
-    return out / "checkpoints"
-
-
-def save_checkpoint(out: Path, model: Any, optimizer: torch.optim.Optimizer, state: RunState) -> Path:
-    """Write a checkpoint for `state` (atomically: a complete folder or none) and prune old ones."""
-    from peft import get_peft_model_state_dict
-    from safetensors.torch import save_file
-
-    root = checkpoint_dir(out)
-    root.mkdir(parents=True, exist_ok=True)
-    target = root / f"{state.phase}-{state.step:06d}"
-    staging = root / f".{target.name}.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    weights = {
-        name: tensor.detach().cpu().contiguous()
-        for name, tensor in get_peft_model_state_dict(model, save_embedding_layers=False).items()
-    }
-    save_file(weights, str(staging / "adapter.safetensors"))
-    torch.save(optimizer.state_dict(), staging / "optimizer.pt")
-    (staging / "state.json").write_text(json.dumps(asdict(state)), encoding="utf-8")
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
-    for old in list_checkpoints(out)[:-KEEP]:
-        shutil.rmtree(old, ignore_errors=True)
-    return target
+    def records(self) -> list[dict[str, Any]]:
+        """Every record logged so far, oldest first."""
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def list_checkpoints(out: Path) -> list[Path]:
-    """Complete checkpoints of the run, oldest first."""
-    root = checkpoint_dir(out)
+def checkpoint_dir(out: Path, phase: str) -> Path:
+    """The folder of a phase's trainer checkpoints."""
+    return out / "checkpoints" / phase
+
+
+def stage_dir(out: Path, phase: str) -> Path:
+    """The folder of a finished phase's model (an adapter, or a whole model with --finetune full)."""
+    return out / "stages" / phase
+
+
+def list_checkpoints(out: Path, phase: str) -> list[Path]:
+    """The complete checkpoints of a phase, oldest first (a trainer writes `trainer_state.json` last)."""
+    root = checkpoint_dir(out, phase)
     if not root.is_dir():
         return []
-    found = [path for path in root.iterdir() if (path / "state.json").is_file() and not path.name.startswith(".")]
-    return sorted(found, key=lambda path: (json.loads((path / "state.json").read_text())["elapsed_s"], path.name))
+    found = [
+        (int(match.group(1)), path)
+        for path in root.iterdir()
+        if (match := _CHECKPOINT.match(path.name)) and (path / "trainer_state.json").is_file()
+    ]
+    return [path for _, path in sorted(found)]
 
 
-def load_checkpoint(path: Path, model: Any, device: str) -> tuple[RunState, dict[str, Any]]:
-    """Load the LoRA weights of checkpoint `path` into `model`; return its state and the optimizer state."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
+def latest_checkpoint(out: Path, phase: str) -> Path | None:
+    """The newest complete checkpoint of a phase, if any."""
+    found = list_checkpoints(out, phase)
+    return found[-1] if found else None
 
-    set_peft_model_state_dict(model, load_file(str(path / "adapter.safetensors"), device=device))
-    state = RunState(**json.loads((path / "state.json").read_text(encoding="utf-8")))
-    optimizer_state = torch.load(path / "optimizer.pt", map_location=device, weights_only=True)
-    return state, optimizer_state
+
+def checkpoint_step(path: Path) -> int:
+    """The optimizer step a checkpoint was written at."""
+    return int(json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))["global_step"])
+
+
+def has_run(out: Path) -> bool:
+    """True when `out` already holds (part of) a run: a checkpoint, a stage or a step log."""
+    return (out / "log.jsonl").is_file() or (out / "checkpoints").is_dir() or (out / "stages").is_dir()
+
+
+def seconds_so_far(out: Path) -> float:
+    """Training seconds of earlier invocations of this run."""
+    path = out / "run.json"
+    return float(json.loads(path.read_text(encoding="utf-8"))["seconds"]) if path.is_file() else 0.0
+
+
+def record_seconds(out: Path, seconds: float) -> None:
+    """Remember the run's seconds over all invocations so far."""
+    (out / "run.json").write_text(json.dumps({"seconds": round(seconds, 3)}), encoding="utf-8")

@@ -66,11 +66,16 @@ def sample(rows: Sequence[Row], limit: int | None, seed: int) -> list[Row]:
 
 def trainable_family(name: str) -> str:
     """`name`, checked: a known family whose whole guard prompt is the user message, the one message training
-    renders; ValueError otherwise (a family with a system message would be trained on the wrong prompt)."""
-    family(name)  # raises ValueError naming the known families
+    renders; ValueError otherwise (a family with a system message would be trained on the wrong prompt, one
+    with its own fixed categories would never see the policy's)."""
+    chosen = family(name)  # raises ValueError naming the known families
+    supported = ", ".join(
+        known for known, each in FAMILIES.items() if load_system_template(known) is None and not each.taxonomy
+    )
     if load_system_template(name) is not None:
-        supported = ", ".join(known for known in FAMILIES if load_system_template(known) is None)
         raise ValueError(f"template family {name!r} puts the policy in a system message; training supports {supported}")
+    if chosen.taxonomy:
+        raise ValueError(f"template family {name!r} has its own fixed categories; training supports {supported}")
     return name
 
 

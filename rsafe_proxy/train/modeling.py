@@ -52,12 +52,13 @@ def load_tokenizer(path: Path) -> Any:
     return tokenizer
 
 
-def load_model(path: Path, dtype: torch.dtype, device: str) -> Any:
-    """The base causal LM, on `device`, in `dtype`, eager attention (exact and fast for short sequences)."""
+def load_model(path: Path, dtype: torch.dtype, device: str, attention: str = "eager") -> Any:
+    """The base causal LM, on `device`, in `dtype`; eager attention by default (exact and fast for short
+    sequences on a CPU; `sdpa` on a GPU)."""
     from transformers import AutoModelForCausalLM
 
     model: Any = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=dtype, local_files_only=True, attn_implementation="eager"
+        str(path), dtype=dtype, local_files_only=True, attn_implementation=attention
     )
     return model.to(device)
 
@@ -130,19 +131,26 @@ class Encoder:
 
     def prompt_ids(self, row: Row, reserve: int) -> list[int]:
         """The chat prompt of `row`, content shortened so that `reserve` more tokens fit in `max_length`."""
+        return self.tokens(self.chat_text(self.user_message(row, reserve)))
+
+    def user_message(self, row: Row, reserve: int) -> str:
+        """The rendered guard prompt of `row` (the chat's one user message), content shortened so that its chat
+        prompt and `reserve` more tokens fit in `max_length`."""
         budget = self.max_length - reserve
         prompt, response = row.prompt, row.response or ""
         builder = self.builders[row.template or self.default]
-        ids = self.tokens(self.chat_text(builder.render(row)))
+        text = builder.render(row)
+        ids = self.tokens(self.chat_text(text))
         for _ in range(4):
             overflow = len(ids) - budget
             if overflow <= 0:
-                return ids
+                return text
             prompt, response = self._shorten(row, prompt, response, overflow + 4)
-            ids = self.tokens(self.chat_text(builder.render(row, prompt, response)))
+            text = builder.render(row, prompt, response)
+            ids = self.tokens(self.chat_text(text))
         if len(ids) > budget:
             raise ValueError(f"row {row.id}: the template alone needs {len(ids)} tokens; raise --max-length")
-        return ids
+        return text
 
     def _shorten(self, row: Row, prompt: str, response: str, overflow: int) -> tuple[str, str]:
         prompt_ids, response_ids = self.tokens(prompt), self.tokens(response)

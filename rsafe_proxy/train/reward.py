@@ -7,6 +7,7 @@ accuracy is format x (the last brace-matched boxed answer, stripped and lower-ca
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 from rsafe_proxy.guard.protocol import last_boxed
 
@@ -36,3 +37,28 @@ def accuracy_reward(output: str, gold: str) -> float:
 def reward(output: str, gold: str) -> float:
     """RSafe's reward: 0.9 x accuracy + 0.1 x format, so 1.0, 0.1 or 0.0."""
     return ACCURACY_WEIGHT * accuracy_reward(output, gold) + FORMAT_WEIGHT * format_reward(output)
+
+
+def completion_text(completion: object) -> str:
+    """A TRL completion as text: a string (plain prompts) or the assistant message of a conversation."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
+        return str(completion[-1].get("content") or "")
+    raise TypeError(f"unexpected completion {type(completion).__name__}")
+
+
+def accuracy_score(completions: Sequence[object], label: Sequence[str], **_: object) -> list[float]:
+    """TRL reward function: `accuracy_reward` of each completion against its row's label (weight 0.9)."""
+    return [accuracy_reward(completion_text(c), gold) for c, gold in zip(completions, label, strict=True)]
+
+
+def format_score(completions: Sequence[object], **_: object) -> list[float]:
+    """TRL reward function: `format_reward` of each completion (weight 0.1)."""
+    return [format_reward(completion_text(completion)) for completion in completions]
+
+
+# The reward functions and weights handed to GRPOTrainer: their weighted sum is `reward`, and TRL logs each term
+# (rewards/accuracy_score/mean, rewards/format_score/mean) as well as the sum (reward).
+REWARD_FUNCTIONS = (accuracy_score, format_score)
+REWARD_WEIGHTS = (ACCURACY_WEIGHT, FORMAT_WEIGHT)
