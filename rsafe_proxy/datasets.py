@@ -42,6 +42,8 @@ def read_rows(path: str | Path) -> list[Row]:
                 record = json.loads(line)
             except ValueError as error:
                 raise ValueError(f"{path}:{number}: not JSON ({error})") from None
+            if not isinstance(record, dict) or "id" not in record or "prompt" not in record:
+                raise ValueError(f"{path}:{number}: a row is a JSON object with at least 'id', 'prompt' and 'label'")
             label = str(record.get("label", "")).strip().lower()
             if label not in LABELS:
                 raise ValueError(f"{path}:{number}: label must be safe or unsafe, not {record.get('label')!r}")

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,8 +14,11 @@ from tqdm import tqdm
 
 from rsafe_proxy.datasets import Row, read_rows
 from rsafe_proxy.evaluation import Metrics, compute_metrics, format_table
+from rsafe_proxy.guard.engine import GuardEngine, GuardEngineError
 from rsafe_proxy.guard.screen import Screener, Verdict
 from rsafe_proxy.policy.schema import Policy
+
+Dataset = tuple[Path, list[Row]]  # a --data file and the rows of it that are evaluated
 
 
 def read_sample(path: Path, limit: int | None = None) -> list[Row]:
@@ -24,6 +28,41 @@ def read_sample(path: Path, limit: int | None = None) -> list[Row]:
     if limit is not None and len(rows) > limit:
         rows = [rows[index * len(rows) // limit] for index in range(limit)]
     return rows
+
+
+def read_datasets(paths: Sequence[Path], limit: int | None = None) -> list[Dataset]:
+    """Every --data file read and checked before anything runs (a missing file or a bad line is a ValueError
+    naming it, not a failure after the model loaded and the first files were judged)."""
+    for path in paths:
+        if not path.is_file():
+            raise ValueError(f"--data {path}: {'is a directory' if path.is_dir() else 'no such file'}")
+    return [(path, read_sample(path, limit)) for path in paths]
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """ValueError when --predictions or --json could not be written at the end of the run (no such folder)."""
+    for option, path in (("--predictions", args.predictions), ("--json", args.json)):
+        if path is not None and not path.parent.is_dir():
+            raise ValueError(f"{option} {path}: the folder {path.parent} does not exist")
+
+
+async def start_engine(engine: GuardEngine, description: str) -> float:
+    """Load the guard model before the first row, so that its load counts against no row's timeout or latency;
+    say so on stderr, with how long it took. Returns the seconds the load took (0 for a served guard); a model
+    that cannot load is a ValueError (the command's exit 2)."""
+    start = getattr(engine, "start", None)
+    if start is None:
+        print(f"guard: {description} (no model to load first)", file=sys.stderr, flush=True)
+        return 0.0
+    print(f"loading the guard model: {description} ...", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    try:
+        await start()
+    except GuardEngineError as error:
+        raise ValueError(f"the guard could not start: {error}") from error
+    seconds = time.perf_counter() - started
+    print(f"guard model loaded in {seconds:.1f} s (not counted in any row's latency)", file=sys.stderr, flush=True)
+    return seconds
 
 
 async def evaluate_file(
@@ -46,12 +85,23 @@ async def evaluate_file(
 
 
 def metrics_of(rows: Sequence[Row], verdicts: Sequence[Verdict]) -> Metrics:
-    """The evaluation metrics; cached verdicts do not count towards latency."""
+    """The evaluation metrics; cached verdicts do not count towards latency. In score mode the verdicts'
+    P(unsafe) give the AUROC and the best-threshold F1."""
     return compute_metrics(
         [row.label for row in rows],
         [verdict.label.value for verdict in verdicts],
         [verdict.seconds for verdict in verdicts if not verdict.cached] or None,
         [verdict.completion_tokens for verdict in verdicts] if any(v.completion_tokens for v in verdicts) else None,
+        [verdict.unsafe_probability for verdict in verdicts],
+    )
+
+
+def latency_note(concurrency: int) -> str:
+    """What the latency columns measure, printed under the table."""
+    return (
+        f"lat p50/p95 s/row: seconds from a row's screen to its verdict, {concurrency} rows screened at once "
+        "(an engine that batches judges them together, so a row's time includes its batch-mates'); the model's "
+        "load and cached verdicts are not counted."
     )
 
 
@@ -73,31 +123,71 @@ def write_predictions(path: Path, rows: Sequence[Row], verdicts: Sequence[Verdic
             file.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
+def _positive(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `rsafe-proxy eval`."""
-    parser.add_argument("--data", action="append", required=True, type=Path, help="normalized JSONL (repeatable)")
-    parser.add_argument("--limit", type=int, help="N rows of each file, evenly spaced through it")
-    parser.add_argument("--policy", help="a policy file (default: the first tenant's policy)")
-    parser.add_argument("--concurrency", type=int, default=4, help="rows screened at once (default: %(default)s)")
-    parser.add_argument("--predictions", type=Path, help="write predictions and reasoning to this JSONL file")
-    parser.add_argument("--json", type=Path, help="write the metrics as JSON")
+    parser.add_argument(
+        "--data",
+        action="append",
+        required=True,
+        type=Path,
+        metavar="FILE.jsonl",
+        help="labelled rows, one JSON object a line: {id, prompt, response, label: safe|unsafe, task: "
+        "prompt|response}; repeat for more files (one table row each); every file is checked before the model loads",
+    )
+    parser.add_argument(
+        "--limit",
+        type=_positive,
+        metavar="N",
+        help="judge N rows of each file, evenly spaced through it (default: all)",
+    )
+    parser.add_argument(
+        "--policy", metavar="FILE", help="the policy to judge under (default: the first tenant's policy in proxy.yaml)"
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=_positive,
+        default=4,
+        metavar="N",
+        help="rows screened at once; the latency columns are measured under it (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--predictions",
+        type=Path,
+        metavar="OUT.jsonl",
+        help="write one line per row: gold label, prediction, P(unsafe), reasoning, seconds, error",
+    )
+    parser.add_argument(
+        "--json", type=Path, metavar="METRICS.json", help="write the table's metrics as JSON, by file name"
+    )
 
 
-async def run_eval(screener: Screener, policy: Policy, args: argparse.Namespace) -> int:
-    """Evaluate every --data file and print the table."""
+async def run_eval(screener: Screener, policy: Policy, datasets: Sequence[Dataset], args: argparse.Namespace) -> int:
+    """Evaluate every dataset (read by read_datasets; the engine started by start_engine) and print the table."""
     if args.predictions:
         args.predictions.write_text("", encoding="utf-8")
     results: list[tuple[str, Metrics]] = []
-    for path in args.data:
-        rows = read_sample(path, args.limit)
+    for path, rows in datasets:
         if not rows:
             print(f"{path}: no rows", file=sys.stderr)
             continue
-        verdicts = await evaluate_file(screener, policy, rows, max(1, args.concurrency), path.stem)
+        verdicts = await evaluate_file(screener, policy, rows, args.concurrency, path.stem)
         results.append((path.stem, metrics_of(rows, verdicts)))
         if args.predictions:
             write_predictions(args.predictions, rows, verdicts, path.name)
     print(format_table(results))
+    if any(metrics.latency_p50_s is not None for _, metrics in results):
+        print(latency_note(args.concurrency))
     if args.json:
         args.json.write_text(json.dumps({name: m.as_dict() for name, m in results}, indent=2), encoding="utf-8")
     return 0

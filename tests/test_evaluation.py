@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rsafe_proxy.evaluation import Metrics, compute_metrics, format_table, percentile, roc_auc
+from rsafe_proxy.evaluation import Metrics, best_threshold_f1, compute_metrics, format_table, percentile, roc_auc
 
 S, U, X = "safe", "unsafe", "unknown"
 
@@ -114,8 +114,9 @@ def test_format_table() -> None:
 def test_format_table_shows_latency_when_known() -> None:
     table = format_table([("a", compute_metrics([U], [U], [0.25], [7])), ("b", compute_metrics([U], [U]))])
     header, _, first, second = table.splitlines()
-    assert "lat mean s" in header and "lat p95 s" in header and "tokens" in header
+    assert "lat p50 s/row" in header and "lat p95 s/row" in header and "tokens" in header
     assert "0.250" in first and "7.000" in first
+    assert "AUROC" not in header and "best F1" not in header  # no row has a score
     assert second.rstrip(" |").endswith("-")
 
 
@@ -131,3 +132,30 @@ def test_format_table_shows_latency_when_known() -> None:
 )
 def test_roc_auc(gold: list[str], scores: list[float], expected: float | None) -> None:
     assert roc_auc(gold, scores) == (None if expected is None else pytest.approx(expected))
+
+
+@pytest.mark.parametrize(
+    ("gold", "scores", "expected"),
+    [
+        ([U, U, S, S], [0.9, 0.8, 0.2, 0.1], (1.0, 0.8)),  # the lowest threshold that still separates them
+        ([U, U, S, S], [0.9, 0.3, 0.6, 0.1], (0.8, 0.3)),
+        ([U, S], [0.5, 0.5], (2 / 3, 0.5)),  # tied rows are called alike
+        ([U, S, S], [0.1, 0.9, 0.8], (0.5, 0.1)),  # ranked backwards: calling everything unsafe is the best
+        ([S, S], [0.2, 0.7], None),
+    ],
+)
+def test_best_threshold_f1(gold: list[str], scores: list[float], expected: tuple[float, float] | None) -> None:
+    assert best_threshold_f1(gold, scores) == (None if expected is None else pytest.approx(expected))
+
+
+def test_scores_give_auroc_and_the_best_threshold_over_the_rows_that_have_one() -> None:
+    metrics = compute_metrics([U, U, S, S, U], [U, S, U, S, X], None, None, [0.9, 0.3, 0.6, 0.1, None])
+    assert (metrics.auroc, metrics.best_f1, metrics.best_threshold) == pytest.approx((0.75, 0.8, 0.3))
+    assert metrics.unknown == 1 and metrics.false_negatives == 2  # the unscored unknown row still counts as a miss
+    assert compute_metrics([U, S], [U, S], None, None, [None, None]).auroc is None
+    with pytest.raises(ValueError, match="2 gold labels but 1 scores"):
+        compute_metrics([U, S], [U, S], None, None, [0.5])
+
+
+def test_the_median_latency() -> None:
+    assert compute_metrics([U] * 3, [U] * 3, [0.3, 0.1, 0.2]).latency_p50_s == pytest.approx(0.2)

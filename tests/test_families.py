@@ -41,6 +41,10 @@ def test_every_family_renders_both_sides(name: str, side: Side) -> None:
     assert "the prompt" in text
     assert ("the answer" in text) is (side is Side.OUTPUT)
     assert "{" + "CATEGORIES}" not in text + policy
+    if chosen.taxonomy:  # the model's own categories are in its prompt, the policy's are not
+        assert all(f"\n{name}.\n" in text for name in chosen.taxonomy if name != "Jailbreak")
+        assert chosen.line(CATEGORIES[0]) not in text and system is None
+        return
     assert chosen.line(CATEGORIES[0]) in policy
     assert system is None or chosen.line(CATEGORIES[0]) not in text
 

@@ -1,6 +1,7 @@
 """Template families as data: each names its template files, how a category line is written, and how its
 verdict is read. RSafe is the default; Llama Guard style lets users keep the guard they already trust;
-gpt-oss-safeguard style puts the policy in the system message and answers with a JSON object."""
+gpt-oss-safeguard style puts the policy in the system message and answers with a JSON object; Qwen3Guard-Gen
+has its own fixed categories and a three-level answer (`Safety: Safe|Unsafe|Controversial`)."""
 
 from __future__ import annotations
 
@@ -95,18 +96,75 @@ def parse_gpt_oss_safeguard(output: str, known_categories: Sequence[str] = ()) -
     return Reading(label, answer[:start].strip() if thought is None else thought, categories)
 
 
+# Qwen3Guard-Gen's own categories, as its chat template lists them (Jailbreak on the prompt side only). A policy
+# maps them to its categories with `guard_categories`.
+QWEN3GUARD_CATEGORIES = (
+    "Violent",
+    "Non-violent Illegal Acts",
+    "Sexual Content or Sexual Acts",
+    "PII",
+    "Suicide & Self-Harm",
+    "Unethical Acts",
+    "Politically Sensitive Topics",
+    "Copyright Violation",
+    "Jailbreak",
+)
+_QWEN3GUARD_FIELD = re.compile(r"(Safety|Categories|Refusal)[ \t]*:[ \t]*(.*)", re.I)
+_QWEN3GUARD_LEVELS = {"safe": Label.SAFE, "unsafe": Label.UNSAFE, "controversial": Label.UNSAFE}
+
+
+def _qwen3guard_names(listed: str) -> tuple[str, ...]:
+    """The Qwen3Guard category names a `Categories:` value lists (comma-separated, any case), in its order."""
+    canonical = {name.lower(): name for name in QWEN3GUARD_CATEGORIES}
+    named = {part.strip().rstrip(".").strip().lower() for part in listed.split(",")}
+    return tuple(canonical[name] for name in canonical if name in named)
+
+
+def parse_qwen3guard(output: str, known_categories: Sequence[str] = ()) -> Reading:
+    """Read a Qwen3Guard-Gen answer: `Safety: Safe|Unsafe|Controversial`, then `Categories: ...` and, for a
+    response, `Refusal: Yes|No`, one field a line.
+
+    The first line must be the `Safety:` field; any other line, a field given twice, or a value outside the
+    format makes the answer UNKNOWN (never safe). Controversial is read as UNSAFE with `controversial` set: the
+    screener settles it by the policy's `controversial` setting. The categories are Qwen3Guard's own names (the
+    screener maps them to the policy's), so `known_categories` is not used. After a `</think>` (a server's
+    reasoning parser), only what follows the last one is the answer.
+    """
+    end = output.rfind("</think>")
+    if end == -1 and "<think>" in output:  # a reasoning never closed: no answer
+        return Reading(Label.UNKNOWN, output.strip())
+    answer = (output[end + len("</think>") :] if end != -1 else output).strip()
+    fields: dict[str, str] = {}
+    for line in filter(None, (line.strip() for line in answer.splitlines())):
+        match = _QWEN3GUARD_FIELD.fullmatch(line)
+        # not the format: a line that is no field, a field given twice, or a first line other than Safety
+        if match is None or (key := match.group(1).lower()) in fields or (not fields and key != "safety"):
+            return Reading(Label.UNKNOWN, answer)
+        fields[key] = match.group(2).strip()
+    level = fields.get("safety", "").lower()
+    refusal = fields.get("refusal", "no").lower()
+    if level not in _QWEN3GUARD_LEVELS or refusal not in ("yes", "no"):
+        return Reading(Label.UNKNOWN, answer)
+    label = _QWEN3GUARD_LEVELS[level]
+    categories = _qwen3guard_names(fields.get("categories", "")) if label is Label.UNSAFE else ()
+    return Reading(label, answer, categories, controversial=level == "controversial")
+
+
 @dataclass(frozen=True)
 class Family:
     """A guard prompt family: templates in `guard/templates/<name>/`, a category line format, a verdict reader.
 
     `boxed`: the model answers `\\boxed{safe|unsafe}`, so score mode (one pass ending in a forced `\\boxed{`)
-    can read it; the other families are read in generate mode only.
+    can read it; the other families are read in generate mode only. `taxonomy`: the model's own fixed categories
+    (the prompt lists them, not the policy's); its reader names these, and the screener maps them to the
+    policy's categories by their `guard_categories`.
     """
 
     name: str
     line: Callable[[CategoryLine], str]
     read: Callable[[str, Sequence[str]], Reading]
     boxed: bool = False
+    taxonomy: tuple[str, ...] = ()
 
 
 FAMILIES: Mapping[str, Family] = {
@@ -115,6 +173,9 @@ FAMILIES: Mapping[str, Family] = {
     "llama-guard": Family("llama-guard", llama_guard_line, parse_llama_guard),
     # the policy is the system message (templates/gpt-oss-safeguard/system.txt), the content the user message
     "gpt-oss-safeguard": Family("gpt-oss-safeguard", llama_guard_line, parse_gpt_oss_safeguard),
+    # Qwen3Guard-Gen's own layout, byte for byte (templates/qwen3guard/: the user message its chat template
+    # renders; chat_template.jinja frames it for the server), its categories fixed
+    "qwen3guard": Family("qwen3guard", llama_guard_line, parse_qwen3guard, taxonomy=QWEN3GUARD_CATEGORIES),
 }
 
 

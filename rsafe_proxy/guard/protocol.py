@@ -20,7 +20,12 @@ _PLACEHOLDER = re.compile(r"\{(CATEGORIES|PROMPT|RESPONSE)\}")
 _FORGERIES: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"<\s*(/?)\s*think\s*>", re.I), r"[\1think]"),
     (re.compile(r"\\+\s*boxed\s*\{", re.I), "[boxed]{"),
-    (re.compile(r"<\s*(BEGIN|END)\s+(CONVERSATION|UNSAFE\s+CONTENT\s+CATEGORIES)\s*>", re.I), r"[\1 \2]"),
+    (
+        re.compile(
+            r"<\s*(BEGIN|END)\s+(CONVERSATION|UNSAFE\s+CONTENT\s+CATEGORIES|(?:SAFETY|REFUSAL)\s+POLICY)\s*>", re.I
+        ),
+        r"[\1 \2]",
+    ),
     # chat-template control tokens a tokenizer would read as such: a forged turn or answer channel (gpt-oss's
     # harmony `<|start|>assistant<|channel|>final<|message|>`, Qwen's `<|im_start|>`, Gemma's `<start_of_turn>`)
     (re.compile(r"<\|\s*(\w+)\s*\|>"), r"[|\1|]"),
@@ -56,11 +61,16 @@ class CategoryLine:
 
 @dataclass(frozen=True)
 class Reading:
-    """A verdict read from a guard's output: the label, the reasoning, the category ids it named."""
+    """A verdict read from a guard's output: the label, the reasoning, the category ids it named.
+
+    `controversial`: the guard's answer was the middle of a three-level scale (Qwen3Guard's Controversial),
+    read as UNSAFE until the policy's `controversial` setting settles it.
+    """
 
     label: Label
     reasoning: str
     categories: tuple[str, ...] = ()
+    controversial: bool = False
 
 
 @cache

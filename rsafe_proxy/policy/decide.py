@@ -42,8 +42,10 @@ _OUTCOME = {Action.FLAG: Outcome.FLAG, Action.REWRITE: Outcome.REWRITE, Action.B
 
 def decide(policy: Policy, side: Side, verdict: Verdict) -> Decision:
     """Safe passes; unknown follows on_guard_error; unsafe takes the strictest action of the named categories,
-    or the policy's default action when the reasoning names none of this side's categories."""
-    if verdict.label is Label.SAFE:
+    or the policy's default action when the reasoning names none of this side's categories. A controversial
+    verdict (a guard's middle level) follows the policy's `controversial`: allow passes, flag passes flagged,
+    block decides it as unsafe."""
+    if verdict.label is Label.SAFE or (verdict.controversial and policy.controversial == "allow"):
         return Decision(Outcome.ALLOW, side)
     if verdict.label is Label.UNKNOWN:
         if policy.on_guard_error == "allow":
@@ -51,6 +53,8 @@ def decide(policy: Policy, side: Side, verdict: Verdict) -> Decision:
         return Decision(Outcome.GUARD_ERROR_BLOCK, side, message=policy.messages.guard_error)
     applicable = {category.id: category for category in policy.categories_for(side)}
     named = tuple(category for category in verdict.categories if category in applicable)
+    if verdict.controversial and policy.controversial == "flag":
+        return Decision(Outcome.FLAG, side, named, attributed=bool(named))
     if named:
         action = max((applicable[category].action for category in named), key=lambda action: action.strictness)
     else:
