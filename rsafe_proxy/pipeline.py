@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass, field, replace
@@ -97,10 +98,15 @@ class _Screening:
     prompt: str
     span: Span
     opened: dict[int, UpstreamCall] = field(default_factory=dict)  # upstream calls by id(response), until read
+    screens: itertools.count[int] = field(default_factory=itertools.count)  # numbers its decisions (rsafe.seq)
 
     @property
     def context(self) -> Context:
         return trace.set_span_in_context(self.span)
+
+    def screen_attributes(self, side: Side) -> dict[str, str | int]:
+        """The attributes a screen's span starts with: its side, the route, its number within the request."""
+        return {"rsafe.side": side.value, "rsafe.route": f"/v1/{self.call.path}", "rsafe.seq": next(self.screens)}
 
 
 async def _upstream_error(response: httpx.Response) -> bool:
@@ -164,7 +170,7 @@ class Pipeline:
     async def _judge(self, state: _Screening, side: Side, judging: Awaitable[Verdict]) -> tuple[Verdict, Decision]:
         policy, tenant = state.call.policy, state.call.tenant
         # the guard calls are client spans of their own (telemetry.genai.TracedEngine): none for a cached verdict
-        with self.recorder.span("rsafe.screen", {"rsafe.side": side.value}, parent=state.context) as span:
+        with self.recorder.span("rsafe.screen", state.screen_attributes(side), parent=state.context) as span:
             try:
                 verdict = await judging
             except ContentTooLong as error:
@@ -192,7 +198,8 @@ class Pipeline:
             parts.append(offered)
         if not parts:
             if judged:  # known safe as a whole: the decision is recorded, as a cache hit
-                with self.recorder.span("rsafe.screen", {"rsafe.side": "input"}, parent=state.context) as span:
+                attributes = state.screen_attributes(Side.INPUT)
+                with self.recorder.span("rsafe.screen", attributes, parent=state.context) as span:
                     known_safe = Verdict(Label.SAFE, cached=True)
                     decision = Decision(Outcome.ALLOW, Side.INPUT)
                     self.recorder.screen(span, tenant, policy, known_safe, decision, self.engine_name)

@@ -1,7 +1,9 @@
 """Server-sent events from the upstream, screened in windows before they are released to the client.
 
-`chunked` (default): events are held until the text they carry has been judged, one window at a time.
-`buffer`: one verdict at the end. `async`: text is released at once and the stream is cut on a violation.
+`chunked` (default): events are held until the text they carry has been judged; windows start at about a
+sentence and grow (windowplan.py), each judged with the whole answer so far while the upstream keeps
+streaming, and released in order once passed. `buffer`: one verdict at the end. `async`: text is released at
+once and the stream is cut on a violation.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +21,7 @@ from rsafe_proxy.bodies import MAX_CHOICES, Kind, choice_index, chunk_texts, fin
 from rsafe_proxy.errors import ProxyError, UpstreamUnavailable
 from rsafe_proxy.policy.decide import Decision
 from rsafe_proxy.policy.schema import StreamMode, StreamSettings
+from rsafe_proxy.windowplan import WindowPlan
 
 DONE = b"data: [DONE]\n\n"
 
@@ -106,17 +110,109 @@ def _finished_choices(data: dict[str, Any]) -> set[int]:
 
 @dataclass
 class _Choice:
-    released: str = ""
-    pending: str = ""
+    """One choice's answer: the text of the windows closed so far, and the text of the open one."""
+
+    closed: str = ""
+    pending: list[str] = field(default_factory=list)
+    size: int = 0  # characters pending
+
+    def add(self, text: str) -> None:
+        self.pending.append(text)
+        self.size += len(text)
+
+    def close(self) -> str | None:
+        """Close the open window: the whole answer so far (what the guard judges), or None when the window added
+        no text to this choice."""
+        new = "".join(self.pending)
+        self.pending.clear()
+        self.size = 0
+        self.closed += new
+        return self.closed if new.strip() else None
 
 
-# What an event leaves to hold or release (None: nothing), and the cut when the policy blocks what it carried.
-_Taken = tuple[bytes | None, tuple[int, Decision] | None]
+# The choice whose text stops the stream, and the decision that stops it.
+_Cut = tuple[int, Decision]
+# What an event leaves to hold or release (None: nothing), the cut when the policy blocks what it carried, and
+# the (choice index, text) it added.
+_Taken = tuple[bytes | None, _Cut | None, list[tuple[int, str]]]
+
+
+@dataclass
+class _Window:
+    """Closed text on its way to the client: its events' bytes, released only once `verdict` is None (the window
+    passed); `last`: the stream's end comes with it."""
+
+    held: list[bytes]
+    size: int
+    verdict: asyncio.Future[_Cut | None]
+    last: bool = False
+
+
+def _settled(value: _Cut | None = None, error: BaseException | None = None) -> asyncio.Future[_Cut | None]:
+    future: asyncio.Future[_Cut | None] = asyncio.get_running_loop().create_future()
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(value)
+    return future
+
+
+def _drop(verdict: asyncio.Future[_Cut | None]) -> None:
+    """Cancel a verdict nobody waits for any more (its guard call with it); one that failed is taken as seen."""
+    if verdict.done():
+        if not verdict.cancelled():
+            verdict.exception()
+    else:
+        verdict.cancel()
+
+
+@dataclass
+class _Room:
+    """The closed windows awaiting release, in order: reading the upstream waits while they are `windows` many or
+    hold `bytes` bytes, so a fast upstream and a slow guard cannot fill the memory."""
+
+    windows: int
+    bytes: int
+    waiting: deque[_Window] = field(default_factory=deque)
+    held: int = 0
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def full(self, more: int = 0) -> bool:
+        """Whether the windows waiting (and `more` bytes of the open one) are at a cap."""
+        return len(self.waiting) >= self.windows or self.held + more >= self.bytes
+
+    def add(self, window: _Window) -> None:
+        self.waiting.append(window)
+        self.held += window.size
+        self.changed.set()
+
+    def release(self) -> None:
+        window = self.waiting.popleft()
+        self.held -= window.size
+        self.changed.set()
+
+    async def next(self) -> _Window:
+        """The oldest window not yet released (waiting for one to close)."""
+        while not self.waiting:
+            self.changed.clear()
+            await self.changed.wait()
+        return self.waiting[0]
+
+    async def space(self) -> None:
+        """Return once the windows waiting are below both caps."""
+        while self.full():
+            self.changed.clear()
+            await self.changed.wait()
 
 
 @dataclass
 class WindowedScreen:
     """Holds events back until the text they carry has passed the guard.
+
+    The answer is cut into windows (see windowplan.py), each judged with the whole answer so far while the
+    upstream keeps streaming: up to `settings.windows_in_flight` windows (and `settings.max_held_bytes` bytes)
+    wait for their verdicts at once, and each is released, in order, once it has passed. Consecutive windows
+    give the guard the same prompt up to their new text, so an engine's prefix cache reads little more than it.
 
     Every string of an event is judged (see channels.read); payloads the guard cannot read (audio data, images)
     are stripped, or, when `unjudged` is a decision, cut the stream with it. A stream the upstream breaks off
@@ -132,9 +228,8 @@ class WindowedScreen:
     unjudged: Decision | None = None
     decision_id: str | None = None
     choices: dict[int, _Choice] = field(default_factory=dict)
-    held: list[bytes] = field(default_factory=list)
     template: dict[str, Any] = field(default_factory=dict)
-    windows: int = 0
+    windows: int = 0  # windows judged (telemetry)
     stripped: list[str] = field(default_factory=list)
     failure: ProxyError | None = None
     reader: responses_api.EventTexts = field(default_factory=responses_api.EventTexts)
@@ -143,6 +238,11 @@ class WindowedScreen:
     _indices: set[int] = field(default_factory=set)
     _unreadable: bool = False
     _sequence: int = -1  # the Responses API numbers its events: the proxy's own continue the count
+    _closed: int = 0  # windows closed: the next one's number in the plan
+    _plan: WindowPlan = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._plan = WindowPlan(self.settings.first_chars, self.settings.window_chars)
 
     def _read(self, data: dict[str, Any]) -> tuple[list[tuple[int, str]], tuple[str, ...], dict[str, Any] | None]:
         if self.kind == "responses":  # one output (index 0)
@@ -152,7 +252,7 @@ class WindowedScreen:
 
     def _take(self, event: Event) -> _Taken:
         if event.data is None:  # a comment: its text is never judged, so none of it is sent
-            return KEEP_ALIVE, None
+            return KEEP_ALIVE, None, []
         texts, unjudged, data = self._read(event.data)
         number = event.data.get("sequence_number")
         if isinstance(number, int) and not isinstance(number, bool):
@@ -160,16 +260,16 @@ class WindowedScreen:
         if unjudged:
             self.stripped += unjudged
             if self.unjudged is not None:
-                return None, (texts[0][0] if texts else 0, self.unjudged)
+                return None, (texts[0][0] if texts else 0, self.unjudged), []
         # the first chunk names the answer; a Responses API event with the response object, the latest one
         if data is not None and (not self.template or (self.kind == "responses" and "response" in data)):
             self.template = data
         for index, text in texts:
-            self.choices.setdefault(index, _Choice()).pending += text
+            self.choices.setdefault(index, _Choice()).add(text)
         if data is None:
-            return None, None
+            return None, None, texts
         # sent as received when nothing was stripped and the bytes carry nothing else (an id, a stray line)
-        return (event.raw if data is event.data and event.plain else encode(data)), None
+        return (event.raw if data is event.data and event.plain else encode(data)), None, texts
 
     async def _watched(self, events: AsyncIterator[Event]) -> AsyncGenerator[Event, None]:
         """The upstream's events; its failure is kept (the stream still ends cleanly), and so is a stream that
@@ -198,27 +298,19 @@ class WindowedScreen:
         """Whether the upstream has sent its whole answer ([DONE], its last event, or every choice finished)."""
         return self._ended or (bool(self._finished) and self._finished >= set(self.choices))
 
-    def _window_full(self) -> bool:
+    def _closes(self, texts: list[tuple[int, str]]) -> bool:
+        """Whether the text an event added completes the open window (see windowplan.py); never in buffer mode."""
         if self.settings.mode is StreamMode.BUFFER:
             return False
-        return any(len(choice.pending) >= self.settings.window_chars for choice in self.choices.values())
+        return any(self._plan.closes(self._closed, self.choices[index].size, text) for index, text in texts)
 
-    def _window(self) -> dict[int, str]:
-        """Take every choice's pending text (with overlap) as the next window to judge."""
-        work = {
-            index: choice.released[-self.settings.overlap_chars :] + choice.pending
-            if self.settings.overlap_chars
-            else choice.pending
-            for index, choice in self.choices.items()
-            if choice.pending.strip()
-        }
-        for choice in self.choices.values():
-            choice.released += choice.pending
-            choice.pending = ""
-        return work
+    def _close(self) -> dict[int, str]:
+        """Close the open window: every choice it added text to, with its whole answer so far (what is judged)."""
+        self._closed += 1
+        return {index: answer for index, choice in self.choices.items() if (answer := choice.close()) is not None}
 
-    async def _judge(self, work: dict[int, str]) -> tuple[int, Decision] | None:
-        """Judge a window (see _window); the first failing choice, or None."""
+    async def _judge(self, work: dict[int, str]) -> _Cut | None:
+        """Judge a window (see _close); the first failing choice, or None."""
         if not work:
             return None
         self.windows += 1
@@ -227,6 +319,11 @@ class WindowedScreen:
             if not decision.outcome.passes:
                 return index, decision
         return None
+
+    def _closing(self, held: list[bytes], size: int, last: bool = False) -> _Window:
+        """The open window closed, its verdict asked for at once."""
+        work = self._close()
+        return _Window(held, size, asyncio.ensure_future(self._judge(work)) if work else _settled(), last)
 
     def _cut(self, index: int, decision: Decision) -> list[bytes]:
         if self.kind == "responses":  # its streams end with their last event, not [DONE]
@@ -261,37 +358,61 @@ class WindowedScreen:
             async for out in self._run_async(events):
                 yield out
             return
-        async with contextlib.aclosing(self._watched(events)) as source:
-            async for event in source:
-                if event.done:
-                    break
-                if event.opaque:
-                    continue
-                raw, blocked = self._take(event)
-                if blocked:
-                    for out in self._cut(*blocked):
+        room = _Room(self.settings.windows_in_flight, self.settings.max_held_bytes)
+        reading = asyncio.create_task(self._fill(events, room))
+        try:
+            while True:
+                window = await room.next()
+                failed = await window.verdict
+                room.release()
+                if failed:
+                    reading.cancel()  # nothing after the cut is read, judged or sent
+                    for out in self._cut(*failed):
                         yield out
                     return
-                if raw:
-                    self.held.append(raw)
-                if self._window_full():
-                    failed = await self._judge(self._window())
-                    if failed:
-                        for out in self._cut(*failed):
-                            yield out
+                if window.last:
+                    yield b"".join(window.held) + self._ending()
+                    return
+                if window.held:
+                    yield b"".join(window.held)
+        finally:  # a cut, or a client that left: the reading and every guard call still running stop
+            reading.cancel()
+            for waiting in room.waiting:
+                _drop(waiting.verdict)
+            await asyncio.wait([reading])
+
+    async def _fill(self, events: AsyncIterator[Event], room: _Room) -> None:
+        """Read the upstream into windows, each judged as soon as it closes, never waiting for a verdict unless
+        the room is full; the last window ends the stream (with the cut an unjudged payload makes, or an error)."""
+        held: list[bytes] = []
+        size = 0
+        try:
+            async with contextlib.aclosing(self._watched(events)) as source:
+                async for event in source:
+                    if event.done:
+                        break
+                    if event.opaque:
+                        continue
+                    raw, blocked, texts = self._take(event)
+                    if blocked:
+                        room.add(_Window([], 0, _settled(blocked), last=True))
                         return
-                    yield b"".join(self.held)
-                    self.held.clear()
-        failed = await self._judge(self._window())
-        if failed:
-            for out in self._cut(*failed):
-                yield out
-            return
-        yield b"".join(self.held) + self._ending()
+                    if raw:
+                        held.append(raw)
+                        size += len(raw)
+                    chunked = self.settings.mode is StreamMode.CHUNKED
+                    if self._closes(texts) or (chunked and room.full(size)):
+                        room.add(self._closing(held, size))
+                        held, size = [], 0
+                    await room.space()
+            room.add(self._closing(held, size, last=True))
+        except Exception as error:  # handed to the release loop, which raises it
+            room.add(_Window([], 0, _settled(error=error), last=True))
 
     async def _run_async(self, events: AsyncIterator[Event]) -> AsyncIterator[bytes]:
-        """Release text at once; judge windows in the background; hold only the end of the stream."""
-        checks: list[asyncio.Task[tuple[int, Decision] | None]] = []
+        """Release text at once; judge windows in the background (at most windows_in_flight at once: reading
+        waits for the oldest beyond that); hold only the end of the stream."""
+        checks: deque[asyncio.Task[_Cut | None]] = deque()
         tail: list[bytes] = []
         try:
             async with contextlib.aclosing(self._watched(events)) as source:
@@ -300,12 +421,14 @@ class WindowedScreen:
                         break
                     if event.opaque:
                         continue
-                    for task in checks:
+                    for task in checks:  # verdicts that came meanwhile
                         if task.done() and (failed := task.result()):
                             for out in self._cut(*failed):
                                 yield out
                             return
-                    raw, blocked = self._take(event)
+                    while checks and checks[0].done():
+                        checks.popleft()
+                    raw, blocked, texts = self._take(event)
                     if blocked:
                         for out in self._cut(*blocked):
                             yield out
@@ -314,15 +437,22 @@ class WindowedScreen:
                         tail.append(raw)
                     elif raw:
                         yield raw
-                    if self._window_full():  # the window is taken now, not when its task first runs
-                        checks.append(asyncio.create_task(self._judge(self._window())))
-            checks.append(asyncio.create_task(self._judge(self._window())))
-            for task in checks:
-                if failed := await task:
+                    if self._closes(texts):  # the window is taken now, not when its task first runs
+                        checks.append(asyncio.create_task(self._judge(self._close())))
+                    while len(checks) >= self.settings.windows_in_flight:  # back-pressure: the oldest first
+                        if failed := await checks[0]:
+                            for out in self._cut(*failed):
+                                yield out
+                            return
+                        checks.popleft()
+            checks.append(asyncio.create_task(self._judge(self._close())))
+            while checks:
+                if failed := await checks[0]:
                     for out in self._cut(*failed):
                         yield out
                     return
+                checks.popleft()
             yield b"".join(tail) + self._ending()
         finally:
             for task in checks:
-                task.cancel()
+                _drop(task)

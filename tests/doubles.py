@@ -427,7 +427,7 @@ class ScriptedGuard:
     (a rendered prompt longer than this is refused with a 400 as vLLM words it), `raw_body` (answers with
     these bytes and status 200: a body that is not JSON, or JSON cut short), `breaks_off` (sends the head and
     half of its answer, then drops the connection); `raw_body` and `breaks_off` follow `only_side` too.
-    Records: `calls`, `cancelled`.
+    Records: `calls`, `cancelled`, `arrived` (the monotonic time each call came in).
     """
 
     url: str = ""
@@ -443,6 +443,7 @@ class ScriptedGuard:
     calls: list[GuardCall] = field(default_factory=list)
     cancelled: int = 0
     traceparents: list[str | None] = field(default_factory=list)  # the traceparent header of each verdict asked
+    arrived: list[float] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def judged(self, side: str | None = None) -> list[str]:
@@ -485,6 +486,7 @@ class ScriptedGuard:
         with self._lock:
             self.calls.append(GuardCall(side, judged, prompt, body.get("cache_salt")))
             self.traceparents.append(request.headers.get("traceparent"))
+            self.arrived.append(time.monotonic())
         if not await _wait(request, self.delay_s if self._misbehaves(side) else 0.0):
             with self._lock:
                 self.cancelled += 1

@@ -108,10 +108,10 @@ CASES: list[tuple[str, Callable[[], str], str, str]] = [
     ("dot in category id", _edit("id: B2", "id: b.2"), "id: b.2", "is not a valid id"),
     ("bad policy id", _edit("id: demo", "id: -demo"), "id: -demo", "'-demo' is not a valid id"),
     (
-        "overlap >= window",
-        _edit("overlap_chars: 120", "overlap_chars: 600"),
-        "overlap_chars",
-        "stream.overlap_chars must be smaller than window_chars",
+        "first window > largest window",
+        _edit("overlap_chars: 120", "first_window_chars: 700"),
+        "first_window_chars",
+        "stream.first_window_chars must be at most window_chars",
     ),
     (
         "window_chars not a number",

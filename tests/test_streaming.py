@@ -76,9 +76,11 @@ async def test_sse_multiline_data_no_space_and_unterminated_last_event() -> None
 
 @dataclass
 class Judge:
-    """Judges window texts: unsafe iff UNSAFE is in them. `gate`, when set, holds every verdict until opened."""
+    """Judges window texts (each the whole answer so far): unsafe iff UNSAFE is in them. `gate`, when set, holds
+    every verdict until opened. Records what it was asked (`judged`) and what it passed (`passed`)."""
 
     judged: list[tuple[int, str]] = field(default_factory=list)
+    passed: list[tuple[int, str]] = field(default_factory=list)
     gate: asyncio.Event | None = None
     outcome_on_unsafe: Outcome = Outcome.BLOCK
 
@@ -88,10 +90,16 @@ class Judge:
             await self.gate.wait()
         if UNSAFE in text:
             return Decision(self.outcome_on_unsafe, Side.OUTPUT, ("U2",), WITHHELD)
+        self.passed.append((index, text))
         return Decision(Outcome.ALLOW, Side.OUTPUT)
 
     def text(self, index: int = 0) -> str:
-        return "".join(text for judged_index, text in self.judged if judged_index == index)
+        """The longest text of choice `index` judged so far (each window is judged with the answer before it)."""
+        return max((text for judged_index, text in self.judged if judged_index == index), key=len, default="")
+
+    def passed_text(self, index: int = 0) -> str:
+        """The longest text of choice `index` that passed."""
+        return max((text for passed_index, text in self.passed if passed_index == index), key=len, default="")
 
 
 def chunk(text: str, index: int = 0, finish: str | None = None, kind: Kind = "chat") -> bytes:
@@ -138,9 +146,10 @@ async def test_chunked_releases_only_judged_text() -> None:
     async for out in screen(judge, StreamMode.CHUNKED).run(sse_events(feed(*map(chunk, WORDS), DONE))):
         outputs.append(out)
         released += text_of(out)
-        assert judge.text().startswith(released)  # nothing goes out ahead of its verdict
+        assert judge.passed_text().startswith(released)  # nothing goes out ahead of its verdict
     assert released == "".join(WORDS)
-    assert len(judge.judged) == 4  # windows of 3 words (21 characters >= 16)
+    # windows of 3 words (21 characters >= 16), each judged with the whole answer before it
+    assert [text for _, text in judge.judged] == ["".join(WORDS[: 3 * n]) for n in range(1, 5)]
     assert outputs[-1].endswith(DONE)
     assert b"".join(outputs).count(DONE) == 1
 
@@ -161,16 +170,17 @@ async def test_chunked_cut_sends_content_filter_then_done() -> None:
     }
     assert text_of(out) == "".join(WORDS[:6]) + WITHHELD
     assert UNSAFE.encode() not in out
-    assert len(judge.judged) == 3  # the stream stops at the failing window
+    # the third window fails; the upstream was read on meanwhile (later windows judged too), none released
+    assert UNSAFE in judge.judged[2][1] and UNSAFE not in judge.judged[1][1]
 
 
-async def test_chunked_overlap_is_judged_with_the_next_window() -> None:
-    judge = Judge()
+async def test_each_window_is_judged_with_the_whole_answer_so_far() -> None:
+    judge = Judge()  # an older policy's overlap_chars is accepted and changes nothing
     async for _ in screen(judge, StreamMode.CHUNKED, overlap=5).run(sse_events(feed(*map(chunk, WORDS[:6]), DONE))):
         pass
     first, second = (text for _, text in judge.judged)
     assert first == "".join(WORDS[:3])
-    assert second == first[-5:] + "".join(WORDS[3:6])
+    assert second == "".join(WORDS[:6])
 
 
 async def test_buffer_mode_judges_once_at_the_end() -> None:
