@@ -1,4 +1,4 @@
-"""rsafe-proxy serve | check | policy validate/schema/test | decisions | eval | train."""
+"""rsafe-proxy serve | check | policy validate/schema/test | decisions | eval | train | train-head."""
 
 from __future__ import annotations
 
@@ -192,41 +192,25 @@ def cmd_policy_test(args: argparse.Namespace) -> int:
     return asyncio.run(_policy_test(args))
 
 
-_DECISION_COLUMNS = (("rsafe.side", 6), ("rsafe.verdict", 7), ("rsafe.action", 17))
-
-
 def cmd_decisions(args: argparse.Namespace) -> int:
-    from rsafe_proxy.telemetry import read_decisions
+    from rsafe_proxy.audit.command import run_decisions
 
-    settings = _settings(args)
-    path = args.file or settings.telemetry.spans_file
-    if not path:
-        print("telemetry.spans_file is not set: decisions go only to OTLP", file=sys.stderr)
-        return 1
-    spans_path = Path(path) if Path(path).is_absolute() or args.file else Path(settings.base_dir) / path
-    if not spans_path.is_file():
-        print(f"no decisions recorded yet in {spans_path}", file=sys.stderr)
-        return 1
-    rows = list(read_decisions(str(spans_path)))[-args.last :]
-    for span in rows:
-        attrs = span.get("attributes", {})
-        categories = ",".join(attrs.get("rsafe.categories", [])) or "-"
-        policy = f"{attrs.get('rsafe.policy.id', '')}@{attrs.get('rsafe.policy.version', '')}"
-        cells = [str(span.get("start_time", ""))[:19], str(attrs.get("rsafe.tenant", "-")).ljust(10)]
-        cells += [str(attrs.get(key, "-")).ljust(width) for key, width in _DECISION_COLUMNS]
-        print("  ".join([*cells, categories.ljust(10), policy]))
-    return 0
+    return run_decisions(args)
 
 
 async def _eval(args: argparse.Namespace) -> int:
-    from rsafe_proxy.eval_command import run_eval
-    from rsafe_proxy.runtime import build_engine, build_screener
+    from rsafe_proxy.eval_command import check_outputs, read_datasets, run_eval, start_engine
+    from rsafe_proxy.runtime import build_engine, build_screener, guard_description
 
+    # the data and the output folders first: a mistake there is an error before the model loads
+    datasets = read_datasets(args.data, args.limit)
+    check_outputs(args)
     settings = _settings(args)
     policy = _policy(args, settings)
     engine = build_engine(settings.guard)
     try:
-        return await run_eval(build_screener(settings.guard, engine), policy, args)
+        await start_engine(engine, guard_description(settings.guard))  # loaded before any row's clock starts
+        return await run_eval(build_screener(settings.guard, engine), policy, datasets, args)
     finally:
         await engine.aclose()
 
@@ -239,6 +223,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from rsafe_proxy.train.command import run_train
 
     return run_train(args)
+
+
+def cmd_train_head(args: argparse.Namespace) -> int:
+    from rsafe_proxy.train.head import run_command
+
+    return run_command(args)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -301,11 +291,17 @@ def parser() -> argparse.ArgumentParser:
     test.add_argument("file", metavar="FILE", help="the policy file whose examples run")
     test.set_defaults(run=cmd_policy_test)
 
+    from rsafe_proxy.audit.command import add_decisions_arguments
+
     decisions = commands.add_parser(
-        "decisions", parents=[common], help="print the latest screening decisions from the spans file"
+        "decisions",
+        parents=[common],
+        help="print screening decisions from the audit log, filtered",
+        description="Screening decisions from the audit log (audit.url): the latest that match, oldest first. Needs "
+        "only the audit: section of proxy.yaml (no upstream or guard variables). Exit status 0, also when none "
+        "match; 2 when the audit log cannot be read.",
     )
-    decisions.add_argument("--file", help="spans file (default: telemetry.spans_file)")
-    decisions.add_argument("--last", type=int, default=20, metavar="N", help="how many (default: %(default)s)")
+    add_decisions_arguments(decisions)
     decisions.set_defaults(run=cmd_decisions)
     from rsafe_proxy.eval_command import add_eval_arguments
     from rsafe_proxy.train.command import add_train_arguments
@@ -319,6 +315,14 @@ def parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", parents=[common], help="train a guard (SFT warm-up, then GRPO) with LoRA")
     add_train_arguments(train)
     train.set_defaults(run=cmd_train)
+
+    from rsafe_proxy.train.head import add_arguments as add_head_arguments
+
+    head = commands.add_parser(
+        "train-head", parents=[common], help="train the embedded guard's verdict head on the model's hidden states"
+    )
+    add_head_arguments(head)
+    head.set_defaults(run=cmd_train_head)
     return top
 
 

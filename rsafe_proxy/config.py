@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
@@ -121,7 +121,7 @@ class GuardSettings(_Frozen):
     api_key: SecretStr | None = None
     mode: Literal["auto", "generate", "score"] = "auto"
     template: str | None = None
-    score_threshold: Annotated[float, Field(gt=0, lt=1)] = 0.5
+    score_threshold: Annotated[float, Field(gt=0, lt=1)] | None = None
     timeout_s: Annotated[float, Field(gt=0)] = 60.0
     temperature: Annotated[float, Field(ge=0, le=2)] = 0.7
     top_p: Annotated[float, Field(gt=0, le=1)] = 0.8
@@ -231,6 +231,105 @@ class TelemetrySettings(_Frozen):
     _empty = field_validator("spans_file", mode="before")(_none_if_empty)
 
 
+_URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+class AuditSettings(_Frozen):
+    """The audit log: every screening decision, kept in a database that `rsafe-proxy decisions` and the console
+    read."""
+
+    enabled: bool = Field(
+        True, description="Write every decision to the audit log (off: decisions go only to the log and spans)."
+    )
+    url: str | None = Field(
+        None,
+        description="Where the audit log is: a SQLite file (a path, or sqlite:///path as SQLAlchemy writes it; a "
+        "relative path is relative to proxy.yaml's directory) or a PostgreSQL database "
+        "('postgresql://user:password@host:5432/db', needs the 'postgres' extra) that a fleet of proxies shares. "
+        "Unset: the SQLite file decisions.db in the per-user state directory: $RSAFE_STATE_DIR, else "
+        "$XDG_STATE_HOME/rsafe-proxy, else "
+        "~/.local/state/rsafe-proxy (never relative to where the proxy was started).",
+    )
+    max_age_days: Annotated[float, Field(gt=0)] | None = Field(
+        90.0, description="Decisions older than this many days are removed (checked every few minutes). Unset: kept."
+    )
+    max_rows: Annotated[int, Field(ge=1)] | None = Field(
+        1_000_000, description="At most this many decisions are kept: the oldest beyond it are removed. Unset: all."
+    )
+    queue_size: Annotated[int, Field(ge=1)] = Field(
+        10_000,
+        description="Decisions waiting to be written (in batches, off the request path). When the store is slow or "
+        "down and the queue is full, further decisions are not written, never waited for: they are counted in "
+        "rsafe_audit_dropped_total and logged.",
+    )
+
+    _empty = field_validator("url", mode="before")(_none_if_empty)
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, url: str | None) -> str | None:
+        scheme = _URL_SCHEME.match(url) if url else None
+        if scheme and scheme.group(1).lower() not in ("sqlite", "postgres", "postgresql"):
+            raise ValueError(f"must be a file path, sqlite:///path or a postgresql:// URL, not a {scheme.group(1)} URL")
+        return url
+
+
+class ConsoleSettings(_Frozen):
+    """The web console at /console, where compliance teams read decisions and try policies. Off by default."""
+
+    enabled: bool = Field(False, description="Serve the console at /console (off: /console is 404 like any path).")
+    admin_key: str | None = Field(
+        None,
+        description="The key that signs in to the console and sees every tenant, in the forms tenant keys take "
+        "('sha256:<hex digest>' or 'env:VARIABLE'). A console key of its own: proxy and admin keys do not sign in.",
+    )
+    tenant_keys: Mapping[str, str] = Field(
+        default_factory=dict,
+        description="Keys that see one tenant only (its decisions, policies and playground), as "
+        "{key: tenant id}, each key in the forms above, e.g. {'env:RSAFE_CONSOLE_BANK_KEY': bank}.",
+    )
+    session_secret: SecretStr | None = Field(
+        None,
+        description="Signs the console's session cookies. Unset: a random secret per process, so a sign-in lasts "
+        "until the proxy restarts; set it (e.g. '${RSAFE_CONSOLE_SECRET}', 32+ characters) when several workers or "
+        "hosts serve the console, so that each accepts the others' sessions.",
+    )
+    session_ttl_s: Annotated[float, Field(gt=0)] = Field(
+        8 * 3600.0, description="A sign-in lasts this many seconds; then the key is asked for again."
+    )
+    playground_in_flight: Annotated[int, Field(ge=1)] = Field(
+        2,
+        description="At most this many playground trials are screened at once, per process (each worker has its "
+        "own count); one more is refused with 429, so that console keys cannot flood the guard traffic needs.",
+    )
+
+    _empty = field_validator("admin_key", "session_secret", mode="before")(_none_if_empty)
+
+    @field_validator("admin_key")
+    @classmethod
+    def _admin_key_form(cls, key: str | None) -> str | None:
+        return None if key is None else _key_forms((key,))[0]
+
+    @field_validator("tenant_keys")
+    @classmethod
+    def _tenant_key_forms(cls, keys: Mapping[str, str]) -> Mapping[str, str]:
+        _key_forms(tuple(keys))
+        return keys
+
+    @field_validator("session_secret")
+    @classmethod
+    def _long_secret(cls, secret: SecretStr | None) -> SecretStr | None:
+        if secret is not None and len(secret.get_secret_value()) < 32:
+            raise ValueError("must be at least 32 characters (it signs sign-in cookies)")
+        return secret
+
+    @model_validator(mode="after")
+    def _someone_signs_in(self) -> Self:
+        if self.enabled and self.admin_key is None and not self.tenant_keys:
+            raise ValueError("an enabled console needs admin_key or tenant_keys: no one could sign in")
+        return self
+
+
 class Settings(_Frozen):
     """Everything proxy.yaml holds."""
 
@@ -241,6 +340,8 @@ class Settings(_Frozen):
         TenantSettings(id="default", anonymous=True),
     )
     telemetry: TelemetrySettings = TelemetrySettings()
+    audit: AuditSettings = AuditSettings()
+    console: ConsoleSettings = ConsoleSettings()
     policy_reload_s: Annotated[float, Field(ge=0)] = 2.0
     base_dir: str = "."
     source: str | None = None  # the file these settings came from (set by load_settings; watched for tenants)
@@ -254,6 +355,14 @@ class Settings(_Frozen):
         if sum(tenant.anonymous for tenant in tenants) > 1:
             raise ValueError("at most one tenant may be anonymous")
         return tenants
+
+    @model_validator(mode="after")
+    def _console_tenants_known(self) -> Self:
+        known = {tenant.id for tenant in self.tenants}
+        for key, tenant in self.console.tenant_keys.items():
+            if tenant not in known:
+                raise InvalidPart(["console", "tenant_keys", key], f"{tenant!r} is not one of the tenants")
+        return self
 
 
 def _interpolate(
@@ -284,13 +393,21 @@ def packaged_config_path() -> Path:
     return Path(str(resources.files("rsafe_proxy").joinpath("proxy.yaml")))
 
 
-def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
-    """Settings from `path` (default: ./proxy.yaml, else the packaged default); raises FileInvalid."""
+def load_settings(
+    path: str | Path | None = None, env: Mapping[str, str] | None = None, sections: Collection[str] | None = None
+) -> Settings:
+    """Settings from `path` (default: ./proxy.yaml, else the packaged default); raises FileInvalid.
+
+    With `sections`, only those top-level sections are read (and their variables needed): the others keep their
+    defaults. A command that reads the audit log needs no upstream or guard variables."""
     if path is None:
         path = Path("proxy.yaml") if Path("proxy.yaml").is_file() else packaged_config_path()
     document = read_yaml(path)
     problems: list[Problem] = []
-    data = _interpolate(document, document.data, os.environ if env is None else env, (), problems)
+    raw = document.data
+    if sections is not None and isinstance(raw, dict):
+        raw = {key: value for key, value in raw.items() if key in sections}
+    data = _interpolate(document, raw, os.environ if env is None else env, (), problems)
     if problems:
         raise FileInvalid(problems)
     if isinstance(data, dict):

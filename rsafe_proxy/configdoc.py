@@ -46,7 +46,9 @@ MEANINGS: Mapping[str, str] = {
     "`auto`: score for the embedded model, generate otherwise.",
     "guard.template": "The prompt template family forced on every policy (unset: rsafe-compact for the "
     "embedded model, else each policy's own).",
-    "guard.score_threshold": "In score mode, P(unsafe) at or above this is unsafe.",
+    "guard.score_threshold": "In score mode, P(unsafe) at or above this is unsafe, on both sides. Unset: the "
+    "thresholds a verdict head beside the transformers engine's adapter or model was calibrated with (the "
+    "embedded guard has one per side), else 0.5. A policy's `guard.score_threshold` overrides it.",
     "guard.timeout_s": "How long one guard call may take; past it the verdict is unknown (the policy's "
     "`on_guard_error` decides).",
     "guard.temperature": "Sampling temperature in generate mode.",
@@ -67,9 +69,14 @@ MEANINGS: Mapping[str, str] = {
     "tenants[].upstream": "The tenant's own upstream, replacing the global one.",
     "tenants[].upstream.base_url": "Its base URL.",
     "tenants[].upstream.api_key": "Its key.",
-    "telemetry": "Where decisions and spans go (OTLP is configured with the standard OTEL_* variables).",
-    "telemetry.spans_file": "Spans as JSON lines (read by `rsafe-proxy decisions`); empty: none written.",
+    "telemetry": "Where spans go (OTLP is configured with the standard OTEL_* variables).",
+    "telemetry.spans_file": "Spans as JSON lines, the telemetry export (a relative path is relative to proxy.yaml's "
+    "directory); empty: none written. Decisions are read from the audit log (`audit`).",
+    "audit": "The audit log: every decision (and every policy text that judged), read by `rsafe-proxy decisions` "
+    "and the console.",
     "telemetry.service_name": "The OpenTelemetry service name.",
+    "console": "The web console at /console (decisions, tenants, policy versions, a playground); off by default. "
+    "Read at start: a change needs a restart.",
     "policy_reload_s": "How often policy files and proxy.yaml's tenants are checked for edits; 0: never.",
     "base_dir": "Relative paths (policies, spans file) are read from here; default: the folder of proxy.yaml.",
 }

@@ -9,17 +9,24 @@ import logging
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from rsafe_proxy.audit import open_store
+from rsafe_proxy.audit.record import DecisionStore, PolicyVersion
+from rsafe_proxy.audit.spans import AuditSpans
+from rsafe_proxy.audit.writer import AuditWriter, Retention
 from rsafe_proxy.config import GuardSettings, Settings, load_settings
 from rsafe_proxy.draining import Drain
 from rsafe_proxy.guard.cache import TTLCache
 from rsafe_proxy.guard.engine import GuardEngine, Sampling, load_engine
+from rsafe_proxy.guard.engines.transformers import head_folder
+from rsafe_proxy.guard.head import HeadInfo
+from rsafe_proxy.guard.protocol import Side
 from rsafe_proxy.guard.screen import Screener, ScreenSettings, Verdict
 from rsafe_proxy.logs import DecisionLog
 from rsafe_proxy.pipeline import Pipeline
@@ -65,19 +72,31 @@ def build_engine(guard: GuardSettings) -> GuardEngine:
     return load_engine(guard.engine_name(), engine_options(guard))
 
 
+def head_thresholds(guard: GuardSettings) -> tuple[tuple[Side, float], ...]:
+    """The per-side thresholds of the transformers engine's verdict head (none when `score_threshold` is set, or
+    for other engines, or without a head)."""
+    if guard.score_threshold is not None or guard.engine_name() != "transformers":
+        return ()
+    model, adapter = guard.options.get("model", "embedded"), guard.options.get("adapter", "auto")
+    folder = head_folder(str(model), None if adapter is None else str(adapter))
+    info = HeadInfo.read(folder) if folder is not None else None
+    return () if info is None else tuple((Side(side), value) for side, value in info.thresholds.items())
+
+
 def build_screener(guard: GuardSettings, engine: GuardEngine) -> Screener:
     """A screener over `engine` with the settings' sampling, timeout and cache."""
     sampling = Sampling(guard.temperature, guard.top_p, guard.repetition_penalty, guard.max_tokens)
     settings = ScreenSettings(
         guard.effective_mode(),
         guard.effective_template(),
-        guard.score_threshold,
+        0.5 if guard.score_threshold is None else guard.score_threshold,
         guard.timeout_s,
         sampling,
         segment_chars=guard.effective_segment_chars(),
         overlap_chars=guard.segment_overlap_chars,
         max_segments=guard.max_segments,
         segments_in_flight=guard.segments_in_flight,
+        score_thresholds=head_thresholds(guard),
     )
     cache: TTLCache[Verdict] = TTLCache(guard.cache.max_entries, guard.cache.ttl_s)
     return Screener(engine, settings, cache)
@@ -99,6 +118,32 @@ def guard_description(guard: GuardSettings) -> str:
         return f"engine openai, model {guard.model or 'rsafe'} at {guard.url}, mode {guard.effective_mode()}"
     model = guard.options.get("model", "embedded")
     return f"engine {name}, model {model}, mode {guard.effective_mode()}"
+
+
+EMBEDDED_NOTICE = (
+    "guard: the embedded model is in use (Gemma 3 270M on CPU, no server needed): it catches plain harmful "
+    "requests and answers and lets most everyday chat through, but it misses subtle harm and judges every "
+    "policy by general harm rather than by its own categories. For production, serve a 7B+ guard and set "
+    "RSAFE_GUARD_URL. Figures and limits: README, 'The embedded default model'."
+)
+
+
+def guard_notice(guard: GuardSettings) -> str | None:
+    """The one-line notice `serve` logs when the embedded guard judges (None for any other guard)."""
+    return EMBEDDED_NOTICE if guard.embedded() else None
+
+
+def start_audit(settings: Settings, recorder: Recorder) -> AuditWriter | None:
+    """The audit log's writer (started), fed by the screen spans; None when `audit.enabled` is off."""
+    audit = settings.audit
+    if not audit.enabled:
+        return None
+    store = open_store(audit, settings.base_dir)
+    retention = Retention(audit.max_age_days * 86_400 if audit.max_age_days else None, audit.max_rows)
+    writer = AuditWriter(store, counters=recorder.metrics.audit, max_queue=audit.queue_size, retention=retention)
+    recorder.provider.add_span_processor(AuditSpans(writer.submit))
+    log.info("audit log: %s", getattr(store, "location", type(store).__name__))
+    return writer.start()
 
 
 def policy_paths(settings: Settings) -> dict[str, Path]:
@@ -123,6 +168,10 @@ class Runtime:
     drain: Drain = field(default_factory=Drain)  # begun by the server at shutdown (rsafe_proxy.server)
     upstream_error: str | None = None  # why the last upstream check failed (None: it answered, or none ran yet)
     upstream_checked: float = -math.inf  # when it ran (monotonic)
+    # the audit log (decisions, policy texts) that the console reads, None when audit.enabled is off; its calls
+    # block: make them from a worker thread. Written by audit_writer, off the request path.
+    audit: DecisionStore | None = None
+    audit_writer: AuditWriter | None = None
 
     @property
     def engine_name(self) -> str:
@@ -155,9 +204,14 @@ class Runtime:
             log.warning("tenant key variable %s is not set: that key cannot be used", name)
         runtime = cls(settings, policies, tenants, recorder, engine, client, pipeline)
         recorder.provider.add_span_processor(DecisionLog())  # one log line per block, rewrite or flag
+        runtime.audit_writer = start_audit(settings, recorder)
+        runtime.audit = runtime.audit_writer.store if runtime.audit_writer is not None else None
+        runtime.record_policies(tenant.id for tenant in settings.tenants)
         runtime.tasks.append(asyncio.create_task(runtime.check_upstream(announce=True)))
         if getattr(engine, "start", None) is None:
             log.info("guard: %s (served elsewhere: /readyz tells when it answers)", guard_description(settings.guard))
+        if (notice := guard_notice(settings.guard)) is not None:
+            log.info(notice)
         if settings.policy_reload_s > 0:
             runtime.tasks.append(asyncio.create_task(runtime._watch_policies()))
         if getattr(engine, "start", None) is not None:
@@ -213,6 +267,7 @@ class Runtime:
                 self.recorder.metrics.reload_failed(self.policies.reload_errors - before)
             if replaced:
                 self.recorder.metrics.reloads.labels("ok").inc(len(replaced))
+                await asyncio.to_thread(self.record_policies, replaced)
 
     def _reload_tenants(self) -> None:
         """proxy.yaml changed: take its tenants (keys, policies, upstream overrides) if the whole file is valid.
@@ -232,8 +287,24 @@ class Runtime:
             return
         self.config_error = None
         self.tenants, self.policies = tenants, policies
+        self.record_policies(tenant.id for tenant in settings.tenants)
         self.recorder.metrics.reloads.labels("ok").inc()
         log.info("tenants reloaded from %s: %s", self.settings.source, ", ".join(t.id for t in settings.tenants))
+
+    def record_policies(self, tenants: Iterable[str]) -> None:
+        """Keep the policy text now in force for each of `tenants` in the audit log (once per version)."""
+        if self.audit_writer is None:
+            return
+        for tenant in tenants:
+            entry = self.policies.entries.get(tenant)
+            if entry is None:
+                continue
+            try:
+                source = entry.path.read_text(encoding="utf-8")
+            except OSError as error:
+                source = f"# the policy file could not be read: {error}"
+            policy = entry.policy
+            self.audit_writer.submit_policy(PolicyVersion(tenant, policy.id, policy.version, time.time(), source))
 
     async def guard_ready(self) -> bool:
         """True when the engine can answer now."""
@@ -253,4 +324,6 @@ class Runtime:
                 await task
         await self.engine.aclose()
         await self.client.aclose()
-        self.recorder.shutdown()
+        self.recorder.shutdown()  # every span ended: every decision is queued
+        if self.audit_writer is not None:
+            await asyncio.to_thread(self.audit_writer.close)  # what is queued is written

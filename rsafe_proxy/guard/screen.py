@@ -45,6 +45,7 @@ class Verdict:
     seconds: float = 0.0
     cached: bool = False
     error: str | None = None
+    controversial: bool = False  # the guard's middle verdict (Qwen3Guard), settled by the policy's `controversial`
 
 
 @dataclass(frozen=True)
@@ -59,13 +60,23 @@ class ScreenSettings:
 
     mode: str = "generate"
     template: str | None = None
-    score_threshold: float = 0.5
+    score_threshold: float = 0.5  # one side's threshold when `score_thresholds` does not name it
     timeout_s: float = 60.0
     sampling: Sampling = field(default_factory=Sampling)
     segment_chars: int = 8000
     overlap_chars: int = 200
     max_segments: int = 64
     segments_in_flight: int = 4
+    score_thresholds: tuple[tuple[Side, float], ...] = ()  # per side (a verdict head's calibrated ones)
+
+    def threshold(self, policy: Policy, side: Side) -> float:
+        """In score mode, P(unsafe) at or above this is unsafe: the policy's own for the side, else this
+        screener's for the side, else `score_threshold`."""
+        own = policy.guard.score_threshold
+        if isinstance(own, float):
+            return own
+        guards = dict(self.score_thresholds).get(side, self.score_threshold)
+        return guards if own is None else own.for_side(side, guards)
 
     def __post_init__(self) -> None:
         if self.segment_chars < 64 or not 0 <= self.overlap_chars < self.segment_chars // 2:
@@ -129,6 +140,8 @@ def combine(policy: Policy, side: Side, verdicts: Sequence[Verdict]) -> Verdict:
         cached_tokens=sum(verdict.cached_tokens for verdict in verdicts),
         cached=all(verdict.cached for verdict in verdicts),
         error=f"{unknown[0].error} ({len(unknown)} of {len(verdicts)} segments)" if label is Label.UNKNOWN else None,
+        # an unsafe piece outweighs a controversial one; a safe whole is controversial if a piece was (allowed)
+        controversial=all(v.controversial for v in unsafe) if unsafe else any(v.controversial for v in shown),
     )
 
 
@@ -147,6 +160,11 @@ class Screener:
         self.settings = settings
         self.cache = cache
         self._secret = secrets.token_bytes(32) if secret is None else secret
+
+    def uncached(self) -> Screener:
+        """This screener (its engine, settings and secret) with no verdict cache: what it judges is neither read
+        from nor written to the cache traffic uses (the console's playground: a trial must not seed verdicts)."""
+        return Screener(self.engine, self.settings, TTLCache(0, 0.0), self._secret)
 
     def family(self, policy: Policy) -> Family:
         """The template family this policy is rendered and read with (the configured one overrides it)."""
@@ -181,16 +199,24 @@ class Screener:
 
     def _read(self, output: GuardOutput, policy: Policy, side: Side, content: str) -> Reading:
         if output.unsafe_probability is not None:
-            unsafe = output.unsafe_probability >= self.settings.score_threshold
-            why = f"score mode: P(unsafe) = {output.unsafe_probability:.3f}, threshold {self.settings.score_threshold}"
+            threshold = self.settings.threshold(policy, side)
+            unsafe = output.unsafe_probability >= threshold
+            why = f"score mode: P(unsafe) = {output.unsafe_probability:.3f}, threshold {threshold:g}"
             return Reading(Label.UNSAFE if unsafe else Label.SAFE, why)
         ids = [category.id for category in policy.categories_for(side)]
         # an id the content itself holds may be read back from the guard quoting it: a user could pick the
         # mildest category that way, so only ids the content does not hold are attributed
         quoted = set(named_categories(content, ids))
-        reading = self.family(policy).read(output.text, [known for known in ids if known not in quoted])
+        attributable = [known for known in ids if known not in quoted]
+        chosen = self.family(policy)
+        reading = chosen.read(output.text, attributable)
         if output.truncated and reading.label is Label.UNKNOWN:
             return Reading(Label.UNKNOWN, reading.reasoning + " [cut off at the reasoning budget]")
+        if chosen.taxonomy:  # the guard named its own categories: the policy's that list them
+            named = policy.guard_category_ids(side, reading.categories)
+            reading = replace(reading, categories=tuple(known for known in named if known in attributable))
+        if reading.controversial and policy.controversial == "allow":
+            return replace(reading, label=Label.SAFE, categories=())
         return reading
 
     def _key(self, tenant: str, policy: Policy, side: Side, piece: Piece) -> str:
@@ -320,6 +346,7 @@ class Screener:
             cached_tokens=output.cached_tokens,
             seconds=time.perf_counter() - started,
             error=None if reading.label is not Label.UNKNOWN else "the guard's output held no readable verdict",
+            controversial=reading.controversial,
         )
         if verdict.label is not Label.UNKNOWN:
             self.cache.put(key, verdict)

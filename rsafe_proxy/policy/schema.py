@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal, Self
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from rsafe_proxy.guard.conversation import ROLES, Role
-from rsafe_proxy.guard.families import family
+from rsafe_proxy.guard.families import FAMILIES, family
 from rsafe_proxy.guard.protocol import CategoryLine, Side
 from rsafe_proxy.paths import pattern_problem
 from rsafe_proxy.yamlsource import InvalidPart
@@ -91,6 +91,23 @@ class Category(_Frozen):
     description: str = ""
     action: Action = Action.BLOCK
     side: Applies = Applies.BOTH
+    guard_categories: tuple[str, ...] = Field(
+        (),
+        description="The categories of a guard with its own fixed taxonomy (the qwen3guard family: Violent, "
+        "Non-violent Illegal Acts, Sexual Content or Sexual Acts, PII, Suicide & Self-Harm, Unethical Acts, "
+        "Politically Sensitive Topics, Copyright Violation, Jailbreak) that this category covers: a verdict "
+        "naming one of them is attributed to this category (and decided by its action). A verdict naming only "
+        "categories no policy category lists is decided by default_action.",
+    )
+
+    @field_validator("guard_categories")
+    @classmethod
+    def _known_guard_categories(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        known = [name for chosen in FAMILIES.values() for name in chosen.taxonomy]
+        for name in names:
+            if name not in known:
+                raise ValueError(f"{name!r} is no guard's category; known: {', '.join(known)}")
+        return names
 
     @field_validator("name", "description")
     @classmethod
@@ -133,17 +150,46 @@ class Messages(_Frozen):
 
 
 class StreamSettings(_Frozen):
-    """Windowed screening of streamed answers, in characters."""
+    """Windowed screening of streamed answers (DESIGN §6): windows start at about a sentence and double up to
+    `window_chars`; each is judged with the whole answer so far while the upstream keeps streaming."""
 
     mode: StreamMode = StreamMode.CHUNKED
-    window_chars: Annotated[int, Field(ge=16, le=1_000_000)] = 600
-    overlap_chars: Annotated[int, Field(ge=0, le=100_000)] = 120
+    first_window_chars: Annotated[int, Field(ge=16, le=1_000_000)] = Field(
+        64,
+        description="The first window closes at the first sentence end once it holds this many characters (at "
+        "twice as many in any case); each next window aims at twice the one before. Where it is larger than "
+        "window_chars (an older policy with small windows), window_chars is the first window too.",
+    )
+    window_chars: Annotated[int, Field(ge=16, le=1_000_000)] = Field(
+        600, description="The largest window: windows grow from first_window_chars up to this many characters."
+    )
+    overlap_chars: Annotated[int, Field(ge=0, le=100_000)] = Field(
+        0,
+        description="Ignored; accepted so that older policies load. Every window is judged with the whole answer "
+        "so far as context, so windows need no overlap.",
+    )
+    windows_in_flight: Annotated[int, Field(ge=1, le=16)] = Field(
+        4,
+        description="Windows judged at once while the upstream keeps streaming; with this many awaiting their "
+        "verdicts, the proxy stops reading the upstream until the oldest is released (1: read, judge, release).",
+    )
+    max_held_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = Field(
+        1024 * 1024,
+        description="Bytes of a streamed answer held back awaiting verdicts (chunked mode); at this many the open "
+        "window is judged at once and the proxy stops reading the upstream until some are released. Buffer "
+        "mode holds the whole answer whatever this says.",
+    )
 
     @model_validator(mode="after")
-    def _overlap_smaller(self) -> Self:
-        if self.overlap_chars >= self.window_chars:
-            raise InvalidPart(["overlap_chars"], "must be smaller than window_chars")
+    def _first_within_largest(self) -> Self:
+        if "first_window_chars" in self.model_fields_set and self.first_window_chars > self.window_chars:
+            raise InvalidPart(["first_window_chars"], "must be at most window_chars")
         return self
+
+    @property
+    def first_chars(self) -> int:
+        """The first window's size (first_window_chars, at most window_chars)."""
+        return min(self.first_window_chars, self.window_chars)
 
 
 class Reasoning(_Frozen):
@@ -153,12 +199,26 @@ class Reasoning(_Frozen):
     return_to_client: bool = False
 
 
+class SideThresholds(_Frozen):
+    """A score-mode threshold per side; a side left out keeps the guard's own."""
+
+    input: Annotated[float, Field(gt=0, lt=1)] | None = None
+    output: Annotated[float, Field(gt=0, lt=1)] | None = None
+
+    def for_side(self, side: Side, otherwise: float) -> float:
+        """The threshold of `side`, or `otherwise` where this names none."""
+        chosen = self.input if side is Side.INPUT else self.output
+        return otherwise if chosen is None else chosen
+
+
 class GuardOverrides(_Frozen):
     """Per-policy guard settings; unset ones come from proxy.yaml."""
 
     max_tokens: Annotated[int, Field(ge=1, le=32_768)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    # score mode: P(unsafe) at or above this is unsafe (one number, or one per side); unset: the guard's own
+    score_threshold: Annotated[float, Field(gt=0, lt=1)] | SideThresholds | None = None
 
 
 class Example(_Frozen):
@@ -205,6 +265,15 @@ class Policy(_Frozen):
     default_action: Action = Action.BLOCK
     messages: Messages = Messages()
     on_guard_error: Literal["block", "allow"] = "block"
+    controversial: Literal["block", "flag", "allow"] = Field(
+        "flag",
+        description="What a guard's middle verdict does (the qwen3guard family's 'Safety: Controversial': not "
+        "explicitly prohibited, but could be misused or harmful in some contexts). 'block': it counts as unsafe "
+        "(Qwen3Guard's strict mode; the named categories' actions apply, else default_action); 'flag' (the "
+        "default): the content passes and the decision is recorded as flagged, with the categories the guard "
+        "named, so that borderline everyday requests are not refused while their share can be watched; "
+        "'allow': it counts as safe (Qwen3Guard's loose mode). Families with a two-level verdict never answer it.",
+    )
     input_roles: Annotated[tuple[Role, ...], Field(min_length=1)] = Field(
         ROLES,
         description="The roles of the turns the input screen judges, each turn with the conversation before it: "
@@ -279,6 +348,11 @@ class Policy(_Frozen):
     def categories_for(self, side: Side) -> tuple[Category, ...]:
         """The categories screened on `side`."""
         return tuple(category for category in self.categories if category.side.covers(side))
+
+    def guard_category_ids(self, side: Side, names: tuple[str, ...]) -> tuple[str, ...]:
+        """The ids of `side`'s categories whose `guard_categories` list any of `names` (the categories a guard
+        with its own taxonomy named), in policy order."""
+        return tuple(c.id for c in self.categories_for(side) if any(name in c.guard_categories for name in names))
 
     def category_lines(self, side: Side) -> tuple[CategoryLine, ...]:
         """The category block the guard sees on `side`."""

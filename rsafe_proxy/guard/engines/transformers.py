@@ -30,6 +30,7 @@ from rsafe_proxy.guard.embedded import embedded_adapter_dir, embedded_model_dir,
 from rsafe_proxy.guard.engine import GuardContextExceeded, GuardEngineError, GuardOutput, Sampling, chat_messages
 from rsafe_proxy.guard.engines.fair import FairQueue
 from rsafe_proxy.guard.engines.prefix import PrefixStore, Tokens
+from rsafe_proxy.guard.head import VerdictHead
 
 if TYPE_CHECKING:
     import torch
@@ -63,7 +64,8 @@ Job = tuple[list[dict[str, str]], Sampling, str]  # messages, sampling, cache sa
 class TransformersEngine:
     """Runs the guard model in process; `model="embedded"` is the packaged Gemma 3 270M.
 
-    `mode="score"` reads P(unsafe) / (P(safe) + P(unsafe)) right after `score_prefix` in one forward pass;
+    `mode="score"` reads P(unsafe) / (P(safe) + P(unsafe)) right after `score_prefix` in one forward pass, or,
+    where the adapter (or model) folder holds a verdict head (head.py), the head's P(unsafe) from the same pass;
     `mode="generate"` samples the model's own reasoning and answer. `prefix_cache` is how many tokens of shared
     prompt prefixes (policies) keep their key/value cache, in all; 0 turns prefix reuse off. `max_batch_chars`
     bounds the prompt characters of one batch (at least one prompt runs), so that a request arriving while a
@@ -175,20 +177,20 @@ class TransformersEngine:
         model_name, adapter, device, dtype, threads = self._options
         if threads is not None:
             torch.set_num_threads(threads)
-        path = embedded_model_dir() if model_name == "embedded" else Path(model_name).expanduser()
+        path = model_path(model_name)
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         if not tokenizer.chat_template:
             raise GuardEngineError(f"{path} has no chat template (set `chat_template` in its tokenizer config)")
         model = AutoModelForCausalLM.from_pretrained(
             str(path), dtype=getattr(torch, dtype), device_map=device, local_files_only=True
         )
-        adapter_path = embedded_adapter_dir() if adapter == "auto" and model_name == "embedded" else None
-        if adapter not in (None, "auto"):
-            adapter_path = Path(adapter).expanduser()
+        adapter_path = adapter_folder(model_name, adapter)
         if adapter_path is not None:
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, str(adapter_path)).merge_and_unload()
+        folder = head_folder(model_name, adapter)
+        head = VerdictHead.load(folder) if folder is not None else None
         model.train(False)  # no dropout at inference
         # torch.matmul turns the batched last-position product (B, 1, H) @ (H, vocab) into one matrix multiply
         # only if the weight requires grad or the sliced input is contiguous (it is not); otherwise it copies
@@ -197,7 +199,28 @@ class TransformersEngine:
         for parameter in model.parameters():
             parameter.requires_grad_(parameter.is_floating_point())
         prefixes = PrefixStore[Any](self._prefix_cache) if self._prefix_cache else None
-        return _Runner(model, tokenizer, self._mode, self._score_prefix, device, prefixes)
+        return _Runner(model, tokenizer, self._mode, self._score_prefix, device, prefixes, head)
+
+
+def model_path(model: str) -> Path:
+    """The folder of `model` ("embedded": the packaged model, converted on first use)."""
+    return embedded_model_dir() if model == "embedded" else Path(model).expanduser()
+
+
+def adapter_folder(model: str, adapter: str | None) -> Path | None:
+    """The LoRA adapter merged into `model`: "auto" is the packaged one for the embedded model (none otherwise)."""
+    if adapter == "auto":
+        return embedded_adapter_dir() if model == "embedded" else None
+    return None if adapter is None else Path(adapter).expanduser()
+
+
+def head_folder(model: str, adapter: str | None) -> Path | None:
+    """Where a verdict head for this model and adapter would live: beside the adapter, else beside the model
+    (the plain embedded model has none). Reading it needs no model loaded: runtime takes its thresholds."""
+    folder = adapter_folder(model, adapter)
+    if folder is None and model != "embedded":
+        folder = Path(model).expanduser()
+    return folder
 
 
 def _live(request: _Request) -> bool:
@@ -232,8 +255,10 @@ class _Runner:
         prefix: str,
         device: str,
         prefixes: PrefixStore[Any] | None,
+        head: VerdictHead | None = None,
     ) -> None:
         self.model = model
+        self.head = head
         self.tokenizer = tokenizer
         self.mode = mode
         self.prefix = prefix
@@ -368,6 +393,9 @@ class _Runner:
         import torch
 
         ids, mask, positions, cache = self._inputs(rows, group)
+        if self.head is not None:
+            scores = self.head.score(self.head.features(self._hidden(ids, mask, positions, cache)))
+            return self._scored(rows, group, scores)
         extend = any(len(tokens) > 1 for tokens in self.verdicts)
         out = self.model(
             input_ids=ids,
@@ -394,10 +422,41 @@ class _Runner:
                 total = total + follow.sum(-1)
             totals.append(total)
         scores = torch.sigmoid(totals[1] - totals[0]).tolist()  # P(unsafe) / (P(safe) + P(unsafe))
+        return self._scored(rows, group, scores)
+
+    @staticmethod
+    def _scored(rows: list[list[int]], group: _Group, scores: list[float]) -> list[GuardOutput]:
         return [
             GuardOutput("", prompt_tokens=len(row), unsafe_probability=p, cached_tokens=len(group.prefix))
             for p, row in zip(scores, rows, strict=True)
         ]
+
+    def _hidden(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any) -> Any:
+        """Every layer's hidden states of the new positions (the last one is the verdict position)."""
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions[:, -ids.shape[1] :],
+            use_cache=cache is not None,
+            logits_to_keep=1,
+            output_hidden_states=True,
+            **({self.cache_name: cache} if cache is not None else {}),
+        )
+        return out.hidden_states
+
+    def features(self, jobs: list[Job], layers: tuple[int, ...]) -> list[list[float]]:
+        """The hidden states of `layers` at each job's verdict position, side by side (what a verdict head
+        reads; training computes them with the engine's own batching and prefix reuse)."""
+        import torch
+
+        rows = [self._encode(messages) for messages, _, _ in jobs]
+        found: dict[int, list[float]] = {}
+        with torch.inference_mode():
+            for group in self._plan(rows, [salt for _, _, salt in jobs], None):
+                hidden = self._hidden(*self._inputs([rows[index] for index in group.rows], group))
+                stacked = torch.cat([hidden[layer][:, -1].float() for layer in layers], dim=-1)
+                found.update(zip(group.rows, stacked.tolist(), strict=True))
+        return [found[index] for index in range(len(rows))]
 
     def _generate(self, rows: list[list[int]], group: _Group, sampling: Sampling) -> list[GuardOutput]:
         options: dict[str, Any] = {"do_sample": sampling.temperature > 0}
