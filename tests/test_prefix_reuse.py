@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from transformers import AutoTokenizer
 
 from rsafe_proxy.guard.engine import GuardOutput, Sampling
 from rsafe_proxy.guard.engines.prefix import PrefixStore, shared_length
@@ -145,14 +147,57 @@ def test_reused_scores_equal_fresh_ones(model: Path) -> None:
     # the first two teach the engine the policy prefix; the rest run batched on its cache
     outputs = reused(model, [prompts[:1], prompts[1:2], prompts[2:]])
     expected = fresh(model, prompts)
-    shared = outputs[1].cached_tokens
+    shared = outputs[2].cached_tokens
     assert outputs[0].cached_tokens == 0
+    assert outputs[1].cached_tokens == 0  # it computed the policy's prefix: nothing of it was read from a cache
     assert shared >= 60  # the policy's tokens, computed once
     for got, want in zip(outputs, expected, strict=True):
         assert log_odds(got.unsafe_probability) == pytest.approx(log_odds(want.unsafe_probability), abs=1e-4)
         assert got.prompt_tokens == want.prompt_tokens
     assert [output.cached_tokens for output in outputs[2:]] == [shared] * (len(PROMPTS) - 2)
     assert len({round(log_odds(output.unsafe_probability), 2) for output in expected}) == len(prompts)
+
+
+def test_a_growing_prompt_extends_its_stored_prefix(model: Path) -> None:
+    """A stream's windows: each prompt is the last one plus new text. A newly stored prefix is computed on the
+    stored one it extends, so a window reads only what the cache lacks, and every score equals a fresh one."""
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    chunk = " And on it goes."
+    prompts, text = [POLICY + " End."], POLICY
+    while len(prompts) < 3:  # each prompt at least 40 tokens longer than the last: a new prefix is worth storing
+        text += chunk
+        if len(tokenizer.encode(text)) >= len(tokenizer.encode(prompts[-1])) + 40:
+            prompts.append(text + " End.")
+    tokens_read: list[int] = []
+
+    def count(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        if isinstance(module, torch.nn.Embedding):
+            tokens_read.append(int(args[0].shape[0] * args[0].shape[1]))
+
+    async def main() -> list[tuple[GuardOutput, int]]:
+        engine = TransformersEngine(model=str(model), dtype="float32")
+        await engine.start()
+        try:
+            seen = []
+            for prompt in prompts:
+                before = sum(tokens_read)
+                output = await engine.complete(prompt, GREEDY)
+                seen.append((output, sum(tokens_read) - before))
+            return seen
+        finally:
+            await engine.aclose()
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(count)
+    try:
+        seen = run(main)
+    finally:
+        handle.remove()
+    for (got, _), want in zip(seen, fresh(model, prompts), strict=True):
+        assert log_odds(got.unsafe_probability) == pytest.approx(log_odds(want.unsafe_probability), abs=1e-4)
+    last, read = seen[-1]
+    assert last.cached_tokens >= 60 + 30  # the policy and the first window's text, read from the cache
+    verdict_words = 16  # a tokenizer that spells "safe"/"unsafe" in several tokens reads them after the prompt
+    assert last.prompt_tokens - last.cached_tokens <= read <= last.prompt_tokens - last.cached_tokens + verdict_words
 
 
 def test_two_policies_keep_two_prefixes(model: Path) -> None:
@@ -171,7 +216,8 @@ def test_a_store_for_one_prefix_stays_correct_when_policies_alternate(model: Pat
     expected = fresh(model, prompts) * 2
     for got, want in zip(outputs, expected, strict=True):
         assert log_odds(got.unsafe_probability) == pytest.approx(log_odds(want.unsafe_probability), abs=1e-4)
-    assert any(output.cached_tokens for output in outputs)
+    # each policy evicts the other, so every prefix is computed by the row that needs it: none is read back
+    assert all(output.cached_tokens == 0 for output in outputs)
 
 
 def test_prefix_cache_zero_turns_reuse_off(model: Path) -> None:
@@ -184,7 +230,9 @@ def test_reused_generation_equals_fresh_generation(model: Path) -> None:
     prompts = [POLICY + prompt for prompt in PROMPTS[:4]]
     outputs = reused(model, [prompts[:1], prompts[1:2], prompts[2:]], mode="generate")
     expected = fresh(model, prompts, mode="generate")
-    assert outputs[1].cached_tokens > 60
+    assert outputs[1].cached_tokens == 0  # it computed the prefix
+    if "gemma3" not in model.name:  # a sliding window shorter than the rows: generate batches them without it
+        assert outputs[2].cached_tokens > 60
     for got, want in zip(outputs, expected, strict=True):
         assert (got.text, got.completion_tokens, got.truncated) == (want.text, want.completion_tokens, want.truncated)
         assert got.prompt_tokens == want.prompt_tokens

@@ -234,11 +234,17 @@ def _fail(request: _Request, error: GuardEngineError) -> None:
 
 @dataclass
 class _Group:
-    """Rows that run in one forward pass, and the stored prefix they share (none: `prefix` is empty)."""
+    """Rows that run in one forward pass, and the stored prefix they share (none: `prefix` is empty); `computed`
+    of the prefix's tokens were computed for this pass (the first row reports only the rest as cached)."""
 
     rows: list[int]
     prefix: Tokens = ()
     cache: Any = None
+    computed: int = 0
+
+    def cached(self, position: int) -> int:
+        """The tokens that the row at `position` of this group read from a cache."""
+        return len(self.prefix) - (self.computed if position == 0 else 0)
 
 
 Conversation = tuple[list[dict[str, str]], str]  # messages, cache salt
@@ -352,24 +358,41 @@ class _Runner:
             if self.window is None or len(lengths) == 1 or max(lengths) + extra <= self.window:
                 groups.append(group)
             elif sampling is None:
-                groups.extend(_Group([index], group.prefix, group.cache) for index in group.rows)
+                first = group.rows[0]
+                groups.extend(
+                    _Group([index], group.prefix, group.cache, group.computed if index == first else 0)
+                    for index in group.rows
+                )
             else:
                 plain.rows.extend(group.rows)
         return [plain, *groups] if plain.rows else groups
 
-    def _reusable(self, row: list[int], salt: str) -> tuple[Tokens, Any] | None:
-        """The stored prefix of `salt` that `row` starts with (computed now if the store proposes a new one)."""
+    def _reusable(self, row: list[int], salt: str) -> tuple[Tokens, Any, int] | None:
+        """The stored prefix of `salt` that `row` starts with, its cache, and how many of its tokens were computed
+        now: a prefix the store proposes is computed on the longest stored one it extends (only the new tokens;
+        a stream's consecutive windows extend one another), else from its first token."""
         if self.prefixes is None:
             return None
         found = self.prefixes.find(row, salt)
         new = self.prefixes.propose(row, have=len(found[0]) if found else 0, salt=salt)
-        if new is not None:
-            import torch
+        if new is None:
+            return None if found is None else (*found, 0)
+        import torch
 
-            out = self.model(input_ids=torch.tensor([new], device=self.device), use_cache=True, logits_to_keep=1)
-            found = (new, out[self.cache_name])
-            self.prefixes.put(*found, salt=salt)
-        return found
+        start = len(found[0]) if found is not None else 0
+        options: dict[str, Any] = {}
+        if found is not None:  # the model appends to the cache it is given: the stored one stays as it was
+            options[self.cache_name] = copy.deepcopy(found[1])
+            options["attention_mask"] = torch.ones((1, len(new)), dtype=torch.long, device=self.device)
+        out = self.model(
+            input_ids=torch.tensor([new[start:]], device=self.device),
+            position_ids=torch.arange(start, len(new), device=self.device)[None],
+            use_cache=True,
+            logits_to_keep=1,
+            **options,
+        )
+        self.prefixes.put(new, out[self.cache_name], salt=salt)
+        return new, out[self.cache_name], len(new) - start
 
     def _inputs(self, rows: list[list[int]], group: _Group) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
         """Token ids after the prefix (left-padded), the attention mask over all tokens, positions, the cache."""
@@ -427,8 +450,8 @@ class _Runner:
     @staticmethod
     def _scored(rows: list[list[int]], group: _Group, scores: list[float]) -> list[GuardOutput]:
         return [
-            GuardOutput("", prompt_tokens=len(row), unsafe_probability=p, cached_tokens=len(group.prefix))
-            for p, row in zip(scores, rows, strict=True)
+            GuardOutput("", prompt_tokens=len(row), unsafe_probability=p, cached_tokens=group.cached(position))
+            for position, (p, row) in enumerate(zip(scores, rows, strict=True))
         ]
 
     def _hidden(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any) -> Any:
@@ -483,13 +506,13 @@ class _Runner:
             **options,
         )
         results = []
-        for row, new in zip(rows, out[:, ids.shape[1] :].tolist(), strict=True):
+        for position, (row, new) in enumerate(zip(rows, out[:, ids.shape[1] :].tolist(), strict=True)):
             end = next((i + 1 for i, token in enumerate(new) if token in self.stops), None)
             tokens = new if end is None else new[:end]
             text = self.tokenizer.decode(tokens, skip_special_tokens=True)
             text = text if isinstance(text, str) else "".join(text)
             results.append(
-                GuardOutput(text, len(tokens), len(row), truncated=end is None, cached_tokens=len(group.prefix))
+                GuardOutput(text, len(tokens), len(row), truncated=end is None, cached_tokens=group.cached(position))
             )
         return results
 
