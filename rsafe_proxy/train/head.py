@@ -66,6 +66,8 @@ class HeadOptions:
     cache: Path | None = None
     model: str = "embedded"
     adapter: str | None = "auto"
+    policies: tuple[Path, ...] = ()  # besides the packaged default: each renders `augment` training rows again
+    augment: int = 0
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> HeadOptions:
@@ -86,6 +88,8 @@ class HeadOptions:
             cache=Path(args.cache) if args.cache else None,
             model=args.model,
             adapter=None if args.adapter == "none" else args.adapter,
+            policies=tuple(Path(path) for path in args.policy or []),
+            augment=args.augment,
         )
 
 
@@ -254,6 +258,7 @@ def run(options: HeadOptions) -> dict[str, Any]:
         name: render_rows(screener, policy, rows, options.max_chars)
         for name, rows in (("train", split.train), ("validation", split.validation), ("unseen", split.unseen))
     }
+    every["train"] += _augmented(screener, split.train, options)
     compute(
         runner.features,
         [item for items in every.values() for item in items],
@@ -285,6 +290,19 @@ def run(options: HeadOptions) -> dict[str, Any]:
     (options.out / "head-report.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(_table(entries))
     return summary
+
+
+def _augmented(screener: Screener, rows: list[Row], options: HeadOptions) -> list[Rendered]:
+    """`options.augment` training rows (a seeded sample, the same for every policy) rendered again under each of
+    `options.policies`, with their labels: the head learns that a policy's wording alone does not make content
+    unsafe (trained under one policy only, every other category list shifted its scores up)."""
+    if not options.policies or options.augment <= 0:
+        return []
+    chosen = random.Random(options.seed).sample(rows, min(options.augment, len(rows)))
+    rendered: list[Rendered] = []
+    for path in options.policies:
+        rendered += render_rows(screener, load_policy(path), chosen, options.max_chars)
+    return rendered
 
 
 def _best_fit(
@@ -386,6 +404,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="INPUT[,OUTPUT]",
         help="the most false positives each side's threshold may give on the validation split, input then output "
         "(one number: both; default: %(default)s)",
+    )
+    parser.add_argument(
+        "--policy",
+        action="append",
+        metavar="FILE",
+        help="a further policy to render --augment training rows under (repeat); rows are always rendered under the "
+        "packaged default policy",
+    )
+    parser.add_argument(
+        "--augment", type=int, default=0, help="training rows rendered again under each --policy (default: 0)"
     )
     parser.add_argument("--batch", type=int, default=8, help="rows per forward pass (default: %(default)s)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
