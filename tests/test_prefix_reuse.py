@@ -279,6 +279,7 @@ def test_the_embedded_model_scores_the_same_with_reuse() -> None:
 
     expected = outputs(0, [[prompt] for prompt in prompts])
     got = outputs(8192, [prompts[:1], prompts[1:2], prompts[2:]])
-    assert got[1].cached_tokens > 200 and got[1].prompt_tokens > 512
+    assert got[1].prompt_tokens > 512  # longer than the window; it computes the policy's prefix
+    assert all(one.cached_tokens > 200 for one in got[2:])  # the rest read it
     for one, want in zip(got, expected, strict=True):
         assert log_odds(one.unsafe_probability) == pytest.approx(log_odds(want.unsafe_probability), abs=1e-2)
