@@ -23,8 +23,8 @@ from rsafe_proxy.audit.writer import AuditWriter, Retention
 from rsafe_proxy.config import GuardSettings, Settings, load_settings
 from rsafe_proxy.draining import Drain
 from rsafe_proxy.guard.cache import TTLCache
+from rsafe_proxy.guard.embedded import head_folder
 from rsafe_proxy.guard.engine import GuardEngine, Sampling, load_engine
-from rsafe_proxy.guard.engines.transformers import head_folder
 from rsafe_proxy.guard.head import HeadInfo
 from rsafe_proxy.guard.protocol import Side
 from rsafe_proxy.guard.screen import Screener, ScreenSettings, Verdict

@@ -96,6 +96,27 @@ def embedded_adapter_dir() -> Path | None:
     return path if (path / "adapter_config.json").is_file() else None
 
 
+def model_path(model: str) -> Path:
+    """The folder of `model` ("embedded": the packaged model, converted on first use)."""
+    return embedded_model_dir() if model == "embedded" else Path(model).expanduser()
+
+
+def adapter_folder(model: str, adapter: str | None) -> Path | None:
+    """The LoRA adapter merged into `model`: "auto" is the packaged one for the embedded model (none otherwise)."""
+    if adapter == "auto":
+        return embedded_adapter_dir() if model == "embedded" else None
+    return None if adapter is None else Path(adapter).expanduser()
+
+
+def head_folder(model: str, adapter: str | None) -> Path | None:
+    """Where a verdict head for this model and adapter would live: beside the adapter, else beside the model
+    (the plain embedded model has none). Reading it needs no model loaded: runtime takes its thresholds."""
+    folder = adapter_folder(model, adapter)
+    if folder is None and model != "embedded":
+        folder = Path(model).expanduser()
+    return folder
+
+
 @contextmanager
 def quiet_loading() -> Iterator[None]:
     """Silence what transformers and torch say while the embedded model loads that a user cannot act on (a

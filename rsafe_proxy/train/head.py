@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rsafe_proxy.datasets import Row, read_rows
-from rsafe_proxy.evaluation import roc_auc
+from rsafe_proxy.evaluation import compute_metrics, roc_auc
 from rsafe_proxy.guard.cache import TTLCache
-from rsafe_proxy.guard.embedded import cache_root
-from rsafe_proxy.guard.engines.transformers import TransformersEngine, adapter_folder
+from rsafe_proxy.guard.embedded import adapter_folder, cache_root
+from rsafe_proxy.guard.engines.transformers import TransformersEngine
 from rsafe_proxy.guard.head import HeadInfo, save_head
 from rsafe_proxy.guard.protocol import Side
 from rsafe_proxy.guard.screen import Screener, ScreenSettings
@@ -43,8 +43,8 @@ class Source:
     @classmethod
     def parse(cls, text: str) -> Source:
         """`PATH` or `PATH:LIMIT`."""
-        path, _, limit = text.rpartition(":") if text.rpartition(":")[2].isdigit() else (text, "", "")
-        return cls(Path(path), int(limit) if limit else None)
+        path, _, limit = text.rpartition(":")
+        return cls(Path(path), int(limit)) if path and limit.isdigit() else cls(Path(text), None)
 
 
 @dataclass(frozen=True)
@@ -210,20 +210,19 @@ def calibration_error(labels: Sequence[int], scores: Sequence[float], bins: int 
 
 def report(name: str, rows: Sequence[Row], scores: Sequence[float], thresholds: dict[str, float]) -> dict[str, Any]:
     """One set's figures at the per-side thresholds."""
-    labels = [1 if row.label == "unsafe" else 0 for row in rows]
-    decided = [1.0 if s >= thresholds[row.side.value] else 0.0 for row, s in zip(rows, scores, strict=True)]
-    f1, precision, recall, fpr = _f1(labels, decided, 0.5)
-    auroc = roc_auc([row.label for row in rows], list(scores))
+    gold = [row.label for row in rows]
+    decided = ["unsafe" if s >= thresholds[row.side.value] else "safe" for row, s in zip(rows, scores, strict=True)]
+    metrics = compute_metrics(gold, decided, unsafe_scores=list(scores))
     return {
         "set": name,
-        "n": len(rows),
-        "unsafe": sum(labels),
-        "f1": f1,
-        "precision": precision,
-        "recall": recall,
-        "fpr": fpr,
-        "auroc": auroc,
-        "ece": calibration_error(labels, list(scores)),
+        "n": metrics.n,
+        "unsafe": gold.count("unsafe"),
+        "f1": metrics.f1,
+        "precision": metrics.precision,
+        "recall": metrics.recall,
+        "fpr": metrics.false_positive_rate,
+        "auroc": metrics.auroc,
+        "ece": calibration_error([label == "unsafe" for label in gold], list(scores)),
     }
 
 

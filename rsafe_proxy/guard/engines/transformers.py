@@ -23,10 +23,9 @@ import copy
 import inspect
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rsafe_proxy.guard.embedded import embedded_adapter_dir, embedded_model_dir, quietly
+from rsafe_proxy.guard.embedded import adapter_folder, head_folder, model_path, quietly
 from rsafe_proxy.guard.engine import GuardContextExceeded, GuardEngineError, GuardOutput, Sampling, chat_messages
 from rsafe_proxy.guard.engines.fair import FairQueue
 from rsafe_proxy.guard.engines.prefix import PrefixStore, Tokens
@@ -200,27 +199,6 @@ class TransformersEngine:
             parameter.requires_grad_(parameter.is_floating_point())
         prefixes = PrefixStore[Any](self._prefix_cache) if self._prefix_cache else None
         return _Runner(model, tokenizer, self._mode, self._score_prefix, device, prefixes, head)
-
-
-def model_path(model: str) -> Path:
-    """The folder of `model` ("embedded": the packaged model, converted on first use)."""
-    return embedded_model_dir() if model == "embedded" else Path(model).expanduser()
-
-
-def adapter_folder(model: str, adapter: str | None) -> Path | None:
-    """The LoRA adapter merged into `model`: "auto" is the packaged one for the embedded model (none otherwise)."""
-    if adapter == "auto":
-        return embedded_adapter_dir() if model == "embedded" else None
-    return None if adapter is None else Path(adapter).expanduser()
-
-
-def head_folder(model: str, adapter: str | None) -> Path | None:
-    """Where a verdict head for this model and adapter would live: beside the adapter, else beside the model
-    (the plain embedded model has none). Reading it needs no model loaded: runtime takes its thresholds."""
-    folder = adapter_folder(model, adapter)
-    if folder is None and model != "embedded":
-        folder = Path(model).expanduser()
-    return folder
 
 
 def _live(request: _Request) -> bool:

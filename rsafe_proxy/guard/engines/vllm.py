@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from rsafe_proxy.guard.embedded import cache_root, embedded_adapter_dir, embedded_model_dir
+from rsafe_proxy.guard.embedded import adapter_folder, cache_root, model_path
 from rsafe_proxy.guard.engine import GuardContextExceeded, GuardEngineError, GuardOutput, Sampling, chat_messages
 
 _MODES = ("generate", "score")
@@ -227,10 +227,8 @@ def resolve_model(model: str, adapter: str | None = "auto") -> Path:
     vLLM could apply a LoRA adapter per request, but merging once gives the same weights the transformers engine
     computes (it merges too) and costs nothing per token. The merged copy is cached under the adapter's digest.
     """
-    base = embedded_model_dir() if model == "embedded" else Path(model).expanduser()
-    chosen = embedded_adapter_dir() if adapter == "auto" and model == "embedded" else None
-    if adapter not in (None, "auto"):
-        chosen = Path(adapter).expanduser()
+    base = model_path(model)
+    chosen = adapter_folder(model, adapter)
     return base if chosen is None else merged_model_dir(base, chosen)
 
 
