@@ -14,13 +14,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from rsafe_proxy import litellm_api
+from rsafe_proxy.apis import CHAT, COMPLETIONS, RESPONSES, guardrail
 from rsafe_proxy.bodies import encode_json, parse_json
+from rsafe_proxy.calls import Call, Reply, StreamReply
 from rsafe_proxy.console.keys import ConsoleKeys
 from rsafe_proxy.draining import SHUTDOWN_MESSAGE, Drain, until_drained
 from rsafe_proxy.errors import InvalidRequest, NotFound, ProxyError, ServerShuttingDown, Unauthorized
 from rsafe_proxy.paths import pattern_matches
-from rsafe_proxy.pipeline import Call, Pipeline, Reply, StreamReply
+from rsafe_proxy.pipeline import Pipeline
 from rsafe_proxy.policy.schema import Policy
 from rsafe_proxy.policy.tenants import KeyRing, Tenant, bearer_token, configured_digests
 from rsafe_proxy.runtime import Runtime
@@ -81,7 +82,7 @@ def _console_keys(runtime: Runtime) -> KeyRing:
 def carries_key(runtime: Runtime, value: str) -> bool:
     """True when `value` (a header or query value) carries a proxy key, an admin key or a console key anywhere."""
     return (
-        runtime.tenants.keys.carried_by(value)
+        runtime.tenancy.directory.keys.carried_by(value)
         or _admin_keys(runtime).carried_by(value)
         or _console_keys(runtime).carried_by(value)
     )
@@ -109,9 +110,10 @@ def _forwardable(request: Request, tenant: Tenant, rings: tuple[KeyRing, ...]) -
 
 async def _call(request: Request) -> Call:
     runtime = _runtime(request)
-    tenants = runtime.tenants  # read once: a reload swaps it
+    tenancy = runtime.tenancy  # read once: a reload swaps it, and this request keeps the one it started with
+    tenants = tenancy.directory
     authorization = _one(request, "authorization")
-    if authorization is None and request.scope["path"] == litellm_api.PATH and (key := _one(request, "x-api-key")):
+    if authorization is None and request.scope["path"] == guardrail.PATH and (key := _one(request, "x-api-key")):
         authorization = f"Bearer {key}"  # LiteLLM sends a guardrail's api_key so; nothing here goes upstream
     tenant = tenants.resolve(authorization)
     note_tenant(tenant.id)
@@ -125,7 +127,7 @@ async def _call(request: Request) -> Call:
         headers=_forwardable(request, tenant, (tenants.keys, _admin_keys(runtime), _console_keys(runtime))),
         body=b"" if request.method in ("GET", "HEAD") else body,  # a GET body has no meaning: none goes on
         tenant=tenant,
-        policy=runtime.policies.get(tenant.id),
+        policy=tenancy.policy(tenant.id),
     )
 
 
@@ -172,17 +174,17 @@ async def _serve(request: Request, work: Callable[[Pipeline, Call], Awaitable[Re
 
 async def chat_completions(request: Request) -> Response:
     """POST /v1/chat/completions."""
-    return await _serve(request, lambda pipeline, call: pipeline.complete(call, "chat"))
+    return await _serve(request, lambda pipeline, call: pipeline.complete(call, CHAT))
 
 
 async def completions(request: Request) -> Response:
     """POST /v1/completions."""
-    return await _serve(request, lambda pipeline, call: pipeline.complete(call, "completion"))
+    return await _serve(request, lambda pipeline, call: pipeline.complete(call, COMPLETIONS))
 
 
 async def responses(request: Request) -> Response:
     """POST /v1/responses: the instructions and input messages, then the output, screened."""
-    return await _serve(request, lambda pipeline, call: pipeline.complete(call, "responses"))
+    return await _serve(request, lambda pipeline, call: pipeline.complete(call, RESPONSES))
 
 
 def _metadata_only(call: Call) -> Call:
@@ -201,13 +203,13 @@ def _metadata_only(call: Call) -> Call:
 async def stored_response(request: Request) -> Response:
     """GET /v1/responses/{id}, POST /v1/responses/{id}/cancel (which takes no body; none is sent): a stored
     response, its output screened again."""
-    return await _serve(request, lambda pipeline, call: pipeline.retrieve(replace(call, body=b""), "responses"))
+    return await _serve(request, lambda pipeline, call: pipeline.retrieve(replace(call, body=b""), RESPONSES))
 
 
 async def stored_chat_completions(request: Request) -> Response:
     """GET /v1/chat/completions[/{id}], POST /v1/chat/completions/{id} (metadata update, which returns the
     completion): stored chat completions, their choices screened again."""
-    return await _serve(request, lambda pipeline, call: pipeline.retrieve(_metadata_only(call), "chat"))
+    return await _serve(request, lambda pipeline, call: pipeline.retrieve(_metadata_only(call), CHAT))
 
 
 async def litellm_guardrail(request: Request) -> Response:
@@ -280,9 +282,10 @@ async def readyz(request: Request) -> Response:
     # reported, not required: an upstream outage taking every proxy replica out of its load balancer would
     # turn the clear 502 a client gets now into refused connections (DESIGN §3: guard and policies loaded)
     upstream_ok = runtime.upstream_error is None
-    errors = runtime.policies.errors()
-    if runtime.config_error:
-        errors = {**errors, "proxy.yaml": runtime.config_error}
+    tenancy = runtime.tenancy  # read once: a reload swaps it
+    errors = tenancy.policies.errors()
+    if tenancy.config_error:
+        errors = {**errors, "proxy.yaml": tenancy.config_error}
     body: dict[str, Any] = {
         "status": "ready" if guard_ready else "not ready",
         "guard": {"engine": runtime.engine_name, "ready": guard_ready},
@@ -291,7 +294,7 @@ async def readyz(request: Request) -> Response:
             "reachable": upstream_ok,
             "error": runtime.upstream_error,
         },
-        "policies": {tenant: runtime.policies.get(tenant).version for tenant in runtime.policies.entries},
+        "policies": {tenant: entry.policy.version for tenant, entry in tenancy.policies.entries.items()},
         "policy_errors": errors,
     }
     return JSONResponse(body, status_code=200 if guard_ready else 503)
@@ -324,7 +327,7 @@ ROUTES = [
     Route("/v1/responses/{response_id}/cancel", stored_response, methods=["POST"]),
     Route("/v1/chat/completions", stored_chat_completions, methods=["GET"]),
     Route("/v1/chat/completions/{completion_id}", stored_chat_completions, methods=["GET", "POST"]),
-    Route(litellm_api.PATH, litellm_guardrail, methods=["POST"]),
+    Route(guardrail.PATH, litellm_guardrail, methods=["POST"]),
     Route("/v1/{rest:path}", passthrough, methods=_METHODS),  # the allow-list decides
     Route("/{rest:path}", not_found, methods=_METHODS),
 ]

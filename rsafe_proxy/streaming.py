@@ -16,14 +16,13 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from rsafe_proxy import responses_api
-from rsafe_proxy.bodies import MAX_CHOICES, Kind, choice_index, chunk_texts, final_chunk, read_json
+from rsafe_proxy.apis.dialect import Dialect, EventReader, EventTexts
+from rsafe_proxy.apis.messages import MAX_CHOICES
+from rsafe_proxy.bodies import read_json
 from rsafe_proxy.errors import ProxyError, UpstreamUnavailable
 from rsafe_proxy.policy.decide import Decision
 from rsafe_proxy.policy.schema import StreamMode, StreamSettings
 from rsafe_proxy.windowplan import WindowPlan
-
-DONE = b"data: [DONE]\n\n"
 
 # judge(choice index, window text) -> the decision on it
 Judge = Callable[[int, str], Awaitable[Decision]]
@@ -87,25 +86,6 @@ def encode(data: dict[str, Any]) -> bytes:
     """One SSE data event (named by its `type`, as the Responses API names its events)."""
     named = f"event: {data['type']}\n".encode() if isinstance(data.get("type"), str) else b""
     return named + b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
-
-
-def is_final(kind: Kind, data: dict[str, Any] | None) -> bool:
-    """Whether an event ends the answer (a finish_reason, or the Responses API's last event)."""
-    if data is None:
-        return False
-    if kind == "responses":
-        return data.get("type") in responses_api.FINAL_EVENTS
-    return any(isinstance(choice, dict) and choice.get("finish_reason") for choice in data.get("choices") or [])
-
-
-def _choice_indices(data: dict[str, Any]) -> set[int]:
-    choices = data.get("choices")
-    return {choice_index(choice) for choice in choices} if isinstance(choices, list) else set()
-
-
-def _finished_choices(data: dict[str, Any]) -> set[int]:
-    choices = [choice for choice in data.get("choices") or [] if isinstance(choice, dict)]
-    return {choice_index(choice) for choice in choices if choice.get("finish_reason")}
 
 
 @dataclass
@@ -222,7 +202,7 @@ class WindowedScreen:
     error ending (`error.decision_id`, as in every error body): a client that logs events, not headers, can still
     look the decision up."""
 
-    kind: Kind
+    dialect: Dialect[Any]
     settings: StreamSettings
     judge: Judge
     unjudged: Decision | None = None
@@ -232,28 +212,24 @@ class WindowedScreen:
     windows: int = 0  # windows judged (telemetry)
     stripped: list[str] = field(default_factory=list)
     failure: ProxyError | None = None
-    reader: responses_api.EventTexts = field(default_factory=responses_api.EventTexts)
+    reader: EventReader = field(init=False)
     _ended: bool = False
     _finished: set[int] = field(default_factory=set)
     _indices: set[int] = field(default_factory=set)
     _unreadable: bool = False
-    _sequence: int = -1  # the Responses API numbers its events: the proxy's own continue the count
+    _sequence: int = -1  # a numbered dialect's events: the proxy's own continue the count
     _closed: int = 0  # windows closed: the next one's number in the plan
     _plan: WindowPlan = field(init=False)
 
     def __post_init__(self) -> None:
         self._plan = WindowPlan(self.settings.first_chars, self.settings.window_chars)
-
-    def _read(self, data: dict[str, Any]) -> tuple[list[tuple[int, str]], tuple[str, ...], dict[str, Any] | None]:
-        if self.kind == "responses":  # one output (index 0)
-            reading = self.reader.take(data)
-            return [(0, text) for text in reading.texts], reading.unjudged, reading.value
-        return chunk_texts(self.kind, data)
+        self.reader = self.dialect.reader()
 
     def _take(self, event: Event) -> _Taken:
         if event.data is None:  # a comment: its text is never judged, so none of it is sent
             return KEEP_ALIVE, None, []
-        texts, unjudged, data = self._read(event.data)
+        read: EventTexts = self.reader.take(event.data)
+        texts, unjudged, data = read.texts, read.unjudged, read.value
         number = event.data.get("sequence_number")
         if isinstance(number, int) and not isinstance(number, bool):
             self._sequence = max(self._sequence, number)
@@ -261,8 +237,8 @@ class WindowedScreen:
             self.stripped += unjudged
             if self.unjudged is not None:
                 return None, (texts[0][0] if texts else 0, self.unjudged), []
-        # the first chunk names the answer; a Responses API event with the response object, the latest one
-        if data is not None and (not self.template or (self.kind == "responses" and "response" in data)):
+        # the first event names the answer, unless the dialect says a later one does
+        if data is not None and (not self.template or self.dialect.names_answer(data)):
             self.template = data
         for index, text in texts:
             self.choices.setdefault(index, _Choice()).add(text)
@@ -273,16 +249,17 @@ class WindowedScreen:
 
     async def _watched(self, events: AsyncIterator[Event]) -> AsyncGenerator[Event, None]:
         """The upstream's events; its failure is kept (the stream still ends cleanly), and so is a stream that
-        stops before its end while it sent data the proxy cannot read (the Responses API: before its last event)."""
+        stops before its end while it sent data the proxy cannot read (a strict_end dialect: before its last event)."""
         try:
             async for event in events:
-                if event.done or (self.kind == "responses" and is_final(self.kind, event.data)):
+                if event.done or self.dialect.ends_stream(event.data):
                     self._ended = True
                 elif event.opaque:
                     self._unreadable = True
                 elif event.data is not None:
-                    self._finished |= _finished_choices(event.data)
-                    self._indices |= _choice_indices(event.data)
+                    indices, finished = self.dialect.choices_of(event.data)
+                    self._finished |= finished
+                    self._indices |= indices
                     if len(self._indices) > MAX_CHOICES:  # each is judged: more would take the guard from others
                         raise UpstreamUnavailable("The upstream model's stream has more choices than one may ask for.")
                 yield event
@@ -290,7 +267,7 @@ class WindowedScreen:
             if not self._complete:
                 self.failure = error
             return
-        if not self._complete and (self.kind == "responses" or self._unreadable):
+        if not self._complete and (self.dialect.strict_end or self._unreadable):
             self.failure = UpstreamUnavailable("The upstream model's stream ended before the answer was complete.")
 
     @property
@@ -326,31 +303,28 @@ class WindowedScreen:
         return _Window(held, size, asyncio.ensure_future(self._judge(work)) if work else _settled(), last)
 
     def _cut(self, index: int, decision: Decision) -> list[bytes]:
-        if self.kind == "responses":  # its streams end with their last event, not [DONE]
-            *events, last = responses_api.stopped_events(self.template, decision.message)
-            return [self._numbered(event) for event in [*events, self._identified(last)]]
-        return [encode(self._identified(final_chunk(self.kind, self.template, index, decision.message))), DONE]
+        *events, last = self.dialect.cut_events(self.template, index, decision.message)
+        out = [self._numbered(event) for event in [*events, self._identified(last)]]
+        return [*out, self.dialect.end_marker] if self.dialect.end_marker else out
 
     def _identified(self, event: dict[str, Any]) -> dict[str, Any]:
         """`event` with the decision id as its top-level `decision_id` (where there is one)."""
         return event if self.decision_id is None else {**event, "decision_id": self.decision_id}
 
     def _numbered(self, event: dict[str, Any]) -> bytes:
-        if self._sequence >= 0:
+        """`event` encoded, numbered after the upstream's last event where the dialect numbers its events."""
+        if self.dialect.numbered and self._sequence >= 0:
             self._sequence += 1
             event = {**event, "sequence_number": self._sequence}
         return encode(event)
 
     def _ending(self) -> bytes:
-        """The end of the stream: [DONE], or, after an upstream failure, an error the SDKs raise."""
+        """The end of the stream: the dialect's end marker, or, after an upstream failure, an error the SDKs raise."""
         if self.failure is not None:
             known = {} if self.decision_id is None else {"decision_id": self.decision_id}
-            if self.kind == "responses":
-                error = {"code": "server_error", "message": self.failure.message, **known}
-                return b"".join(self._numbered(event) for event in responses_api.failed_events(self.template, error))
-            body = self.failure.body()
-            return encode({**body, "error": {**body["error"], **known}})
-        return b"" if self.kind == "responses" else DONE
+            events = self.dialect.failed_events(self.template, self.failure, known)
+            return b"".join(self._numbered(event) for event in events)
+        return self.dialect.end_marker
 
     async def run(self, events: AsyncIterator[Event]) -> AsyncIterator[bytes]:
         """The bytes to send to the client, in order, each only after its verdict (chunked/buffer)."""
@@ -433,7 +407,7 @@ class WindowedScreen:
                         for out in self._cut(*blocked):
                             yield out
                         return
-                    if raw and is_final(self.kind, event.data):
+                    if raw and self.dialect.is_final(event.data):
                         tail.append(raw)
                     elif raw:
                         yield raw

@@ -6,14 +6,14 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from rsafe_proxy.bodies import choice_text, delta_text
+from rsafe_proxy.apis.choices import choice_text, delta_text
 from rsafe_proxy.streaming import sse_events
 
 
 @pytest.mark.parametrize("field", ["content", "reasoning_content", "reasoning", "refusal"])
 def test_every_text_field_of_an_answer_is_screened(field: str) -> None:
-    assert "bad words" in choice_text("chat", {"message": {"role": "assistant", field: "bad words"}})
-    assert "bad words" in delta_text("chat", {"delta": {field: "bad words"}})
+    assert "bad words" in choice_text({"message": {"role": "assistant", field: "bad words"}})
+    assert "bad words" in delta_text({"delta": {field: "bad words"}})
 
 
 @pytest.mark.anyio

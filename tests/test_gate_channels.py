@@ -12,10 +12,11 @@ from typing import Any
 import openai
 import pytest
 
-from rsafe_proxy.channels import read
+from rsafe_proxy.apis.channels import read
 from rsafe_proxy.policy.loading import load_policy
 from tests.conftest import MakeProxy
-from tests.doubles import UNSAFE, UNSAFE_ANSWER, FakeUpstream, ScriptedGuard
+from tests.doubles import UNSAFE, UNSAFE_ANSWER, ScriptedGuard
+from tests.fake_upstream import FakeUpstream
 from tests.sdk import BLOCKED_OUTPUT, tenant_policy, user
 from tests.serving import Proxy, write_policy
 

@@ -13,11 +13,12 @@ from typing import Any
 import httpx
 import pytest
 
+from rsafe_proxy.apis.guardrail import PATH as GUARDRAIL
 from rsafe_proxy.guard.segments import segment_count, segments
-from rsafe_proxy.litellm_api import PATH as GUARDRAIL
 from rsafe_proxy.policy.loading import load_policy
 from tests.conftest import MakeProxy
-from tests.doubles import UNSAFE, FakeUpstream, ScriptedGuard
+from tests.doubles import UNSAFE, ScriptedGuard
+from tests.fake_upstream import FakeUpstream
 from tests.serving import Proxy, write_policy
 
 CHAT = "/v1/chat/completions"

@@ -12,7 +12,8 @@ from openai.types.responses import ResponseStreamEvent
 
 from rsafe_proxy.policy.loading import load_policy
 from tests.conftest import MakeProxy
-from tests.doubles import ASK_UNSAFE_ANSWER, UNSAFE, UNSAFE_ANSWER, FakeUpstream, ScriptedGuard
+from tests.doubles import ASK_UNSAFE_ANSWER, UNSAFE, UNSAFE_ANSWER, ScriptedGuard
+from tests.fake_upstream import FakeUpstream
 from tests.sdk import BLOCKED_OUTPUT, error_of, tenant_policy
 from tests.serving import Proxy, write_policy
 

@@ -15,6 +15,8 @@ from typing import Any
 import openai
 import pytest
 
+from rsafe_proxy.apis import CHAT
+from rsafe_proxy.apis.choices import DONE
 from rsafe_proxy.guard.cache import TTLCache
 from rsafe_proxy.guard.engine import GuardOutput, Sampling
 from rsafe_proxy.guard.families import FAMILIES
@@ -23,11 +25,12 @@ from rsafe_proxy.guard.screen import Screener, ScreenSettings, Verdict
 from rsafe_proxy.policy.decide import Decision, Outcome
 from rsafe_proxy.policy.loading import load_policy
 from rsafe_proxy.policy.schema import StreamMode, StreamSettings
-from rsafe_proxy.streaming import DONE, WindowedScreen, sse_events
+from rsafe_proxy.streaming import WindowedScreen, sse_events
 from rsafe_proxy.windowplan import WindowPlan
 from rsafe_proxy.yamlsource import FileInvalid
 from tests.conftest import MakeProxy
-from tests.doubles import UNSAFE, FakeUpstream, ScriptedGuard
+from tests.doubles import UNSAFE, ScriptedGuard
+from tests.fake_upstream import FakeUpstream
 from tests.serving import write_policy
 from tests.test_streaming import WITHHELD, chunk, parsed, text_of
 
@@ -159,7 +162,7 @@ async def settle() -> None:
 def screened(
     judge: Callable[[int, str], Awaitable[Decision]], mode: StreamMode = StreamMode.CHUNKED, **settings: Any
 ) -> WindowedScreen:
-    return WindowedScreen("chat", StreamSettings(mode=mode, **settings), judge)
+    return WindowedScreen(CHAT, StreamSettings(mode=mode, **settings), judge)
 
 
 def chat_upstream(texts: list[str]) -> Upstream:

@@ -8,21 +8,26 @@ import json
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
-from rsafe_proxy.bodies import Kind
+from rsafe_proxy.apis import CHAT, COMPLETIONS, Dialect
+from rsafe_proxy.apis.choices import DONE
 from rsafe_proxy.guard.protocol import Side
 from rsafe_proxy.policy.decide import Decision, Outcome
 from rsafe_proxy.policy.schema import StreamMode, StreamSettings
-from rsafe_proxy.streaming import DONE, Event, WindowedScreen, sse_events
+from rsafe_proxy.streaming import Event, WindowedScreen, sse_events
 from tests.conftest import MakeProxy
-from tests.doubles import UNSAFE, FakeUpstream, ScriptedGuard
+from tests.doubles import UNSAFE, ScriptedGuard
+from tests.fake_upstream import FakeUpstream
 
 pytestmark = pytest.mark.anyio
 
 WITHHELD = "The response was withheld."
+# The dialects whose streams are chunks of choices.
+Kind = Literal["chat", "completion"]
+DIALECTS: dict[Kind, Dialect[Any]] = {"chat": CHAT, "completion": COMPLETIONS}
 
 
 async def feed(*chunks: bytes) -> AsyncIterator[bytes]:
@@ -136,7 +141,7 @@ WORDS = [f"word{n:02d} " for n in range(12)]  # 7 characters each
 
 
 def screen(judge: Judge, mode: StreamMode, kind: Kind = "chat", overlap: int = 0) -> WindowedScreen:
-    return WindowedScreen(kind, StreamSettings(mode=mode, window_chars=16, overlap_chars=overlap), judge)
+    return WindowedScreen(DIALECTS[kind], StreamSettings(mode=mode, window_chars=16, overlap_chars=overlap), judge)
 
 
 async def test_chunked_releases_only_judged_text() -> None:

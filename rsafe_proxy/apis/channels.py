@@ -16,7 +16,7 @@ from typing import Any, Literal
 # Keys whose values are never generated text: names of objects, positions, states, token statistics, opaque
 # tokens the provider reads back (encrypted reasoning, signatures), padding (`obfuscation`), provider filter
 # results. Log probabilities repeat the tokens of the text they belong to: that text is judged, and a replaced
-# answer drops them (bodies.replace_choice, responses_api.stopped).
+# answer drops them (choices.replace_choice, responses_output.stopped).
 METADATA = frozenset(
     {
         "id",

@@ -1,6 +1,7 @@
 """LiteLLM's Generic Guardrail API (POST /beta/litellm_basic_guardrail_api), served by the proxy so that a LiteLLM
 proxy can use RSafe as a guardrail with no code: the fields the proxy reads, the texts it judges, and the answer
-(`NONE`, `BLOCKED`, or `GUARDRAIL_INTERVENED` with replaced texts) a decision becomes."""
+(`NONE`, `BLOCKED`, or `GUARDRAIL_INTERVENED` with replaced texts) a decision becomes. Not a Dialect: nothing
+goes upstream and nothing streams; the answer's choices it may carry are read as chat choices (apis.choices)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from typing import Any, Literal
 import pydantic
 from pydantic import Field
 
-from rsafe_proxy.bodies import ContentPart, Open, call_text, choice_text, delta_text, invalid, turn_text
+from rsafe_proxy.apis.choices import choice_text, delta_text
+from rsafe_proxy.apis.messages import ContentPart, Open, call_text, invalid, turn_text
+from rsafe_proxy.errors import ContentBlocked, GuardUnavailable
 from rsafe_proxy.guard.conversation import Turn
 from rsafe_proxy.policy.decide import Decision, Outcome
 
@@ -73,8 +76,8 @@ def output_text(request: GuardrailRequest) -> str:
         for choice in request.choices:
             if "delta" in choice:
                 index = choice.get("index", 0)
-                streamed[index] = streamed.get(index, "") + delta_text("chat", choice)
-        answers = [choice_text("chat", choice) for choice in request.choices if "delta" not in choice]
+                streamed[index] = streamed.get(index, "") + delta_text(choice)
+        answers = [choice_text(choice) for choice in request.choices if "delta" not in choice]
         return "\n".join([*answers, *streamed.values()])
     calls = [call_text(call.get("function")) for call in request.tool_calls or []]
     return "\n".join(part for part in [*request.texts, *calls] if part)
@@ -86,7 +89,14 @@ def answer(decision: Decision, request: GuardrailRequest, judged: list[str]) -> 
     if decision.outcome.passes:
         return {"action": "NONE"}
     if decision.outcome is not Outcome.REWRITE:
-        return {"action": "BLOCKED", "blocked_reason": decision.message}
+        # beside LiteLLM's fields, the error the proxy itself would answer with: RSafe's guardrail reads them
+        code = GuardUnavailable.code if decision.outcome is Outcome.GUARD_ERROR_BLOCK else ContentBlocked.code
+        return {
+            "action": "BLOCKED",
+            "blocked_reason": decision.message,
+            "code": code,
+            "categories": [*decision.categories],
+        }
     flagged = set(judged) if request.input_type == "request" else set(request.texts)
     replaced = [decision.message if text in flagged else text for text in request.texts]
     if request.input_type == "response" and not replaced:  # the answer came as `choices` only
