@@ -11,11 +11,12 @@ from starlette.types import ASGIApp
 
 from rsafe_proxy.config import Settings
 from rsafe_proxy.console.routes import Console
-from rsafe_proxy.middleware import BodyLimit, BodyTimeout, ErrorBoundary
+from rsafe_proxy.middleware import BodyLimit, BodyTimeout, ErrorBoundary, last_resort
 from rsafe_proxy.paths import CanonicalPath
 from rsafe_proxy.policy.store import PolicyStore
+from rsafe_proxy.policy.tenancy import policy_paths
 from rsafe_proxy.routes import ROUTES, carries_key
-from rsafe_proxy.runtime import Runtime, policy_paths
+from rsafe_proxy.runtime import Runtime
 from rsafe_proxy.telemetry import Recorder
 from rsafe_proxy.telemetry.http import TraceRequests
 
@@ -47,6 +48,7 @@ def build_app(settings: Settings) -> ASGIApp:
     proxy = Starlette(
         routes=routes,
         lifespan=lifespan,
+        exception_handlers={Exception: last_resort},  # what escapes even ErrorBoundary (TraceRequests) is JSON
         middleware=[
             # outermost: every request, refused ones included, has its server span and decision id
             Middleware(TraceRequests, recorder=recorder),

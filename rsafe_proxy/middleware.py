@@ -6,6 +6,8 @@ import asyncio
 import json
 import logging
 
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rsafe_proxy.errors import InternalError, PayloadTooLarge, ProxyError, RequestTimeout
@@ -23,6 +25,17 @@ async def send_error(send: Send, error: ProxyError) -> None:
     headers += [(name.encode(), value.encode()) for name, value in error.headers().items()]
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+INTERNAL_MESSAGE = "The proxy failed to handle this request; the fault is in its log."
+
+
+async def last_resort(request: Request, error: Exception) -> Response:
+    """Starlette's handler of last resort (its ServerErrorMiddleware, outside every middleware of the app): what
+    escapes even ErrorBoundary, from a middleware outside it, is still an OpenAI-style JSON 500 naming nothing of
+    the cause, never Starlette's plain-text "Internal Server Error". Starlette re-raises the error after this
+    answer, so the server logs its traceback."""
+    return JSONResponse(InternalError(INTERNAL_MESSAGE).body(), status_code=500)
 
 
 class ErrorBoundary:
@@ -53,7 +66,7 @@ class ErrorBoundary:
                 raise
             if not isinstance(error, ProxyError):
                 log.exception("unexpected error answering %s %s", scope.get("method"), scope.get("path"))
-                error = InternalError("The proxy failed to handle this request; the fault is in its log.")
+                error = InternalError(INTERNAL_MESSAGE)
             await send_error(send, error)
 
 

@@ -1,5 +1,5 @@
-"""Everything one running proxy holds: settings, clients, engine, policies, pipeline. Built by the app's
-lifespan and closed by it; nothing lives at module level."""
+"""Everything one running proxy holds: settings, clients, engine, tenancy (tenants and policies), pipeline. Built
+by the app's lifespan and closed by it; nothing lives at module level."""
 
 from __future__ import annotations
 
@@ -11,8 +11,6 @@ import os
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import httpx
 
@@ -20,71 +18,34 @@ from rsafe_proxy.audit import open_store
 from rsafe_proxy.audit.record import DecisionStore, PolicyVersion
 from rsafe_proxy.audit.spans import AuditSpans
 from rsafe_proxy.audit.writer import AuditWriter, Retention
-from rsafe_proxy.config import GuardSettings, Settings, load_settings
+from rsafe_proxy.config import GuardSettings, Settings
 from rsafe_proxy.draining import Drain
 from rsafe_proxy.guard.cache import TTLCache
-from rsafe_proxy.guard.embedded import head_folder
-from rsafe_proxy.guard.engine import GuardEngine, Sampling, load_engine
-from rsafe_proxy.guard.head import HeadInfo
-from rsafe_proxy.guard.protocol import Side
+from rsafe_proxy.guard.engine import GuardEngine, Sampling, engine_from_settings
 from rsafe_proxy.guard.screen import Screener, ScreenSettings, Verdict
 from rsafe_proxy.logs import DecisionLog
 from rsafe_proxy.pipeline import Pipeline
-from rsafe_proxy.policy.loading import resolve_policy_path
 from rsafe_proxy.policy.store import PolicyStore
+from rsafe_proxy.policy.tenancy import Tenancy, TenancyReload, TenancyWatch
 from rsafe_proxy.policy.tenants import TenantDirectory
 from rsafe_proxy.telemetry import Recorder
 from rsafe_proxy.telemetry.genai import TracedEngine
 from rsafe_proxy.upstream import Upstream
-from rsafe_proxy.yamlsource import FileInvalid
 
 log = logging.getLogger("rsafe_proxy")
 
 GUARD_PROBE_S = 5.0  # how often rsafe_guard_ready is refreshed
 
 
-def _stamp(path: str | None) -> tuple[int, int] | None:
-    try:
-        stat = os.stat(path) if path else None
-    except OSError:
-        return None
-    return (stat.st_mtime_ns, stat.st_size) if stat else None
-
-
-def engine_options(guard: GuardSettings) -> dict[str, Any]:
-    """The keyword options the selected engine is built with."""
-    name = guard.engine_name()
-    if name == "openai":
-        if not guard.url:
-            raise ValueError("guard.url (RSAFE_GUARD_URL) is required by the openai guard engine")
-        return {
-            "url": guard.url,
-            "model": guard.model or "rsafe",
-            "api_key": guard.api_key.get_secret_value() if guard.api_key else None,
-            "timeout_s": guard.timeout_s,
-            "max_connections": guard.max_connections,
-        }
-    return {**guard.options, "mode": guard.effective_mode()}
-
-
 def build_engine(guard: GuardSettings) -> GuardEngine:
-    """The guard engine the settings select (imported lazily)."""
-    return load_engine(guard.engine_name(), engine_options(guard))
+    """The guard engine the settings select, built by its class from them (imported lazily)."""
+    return engine_from_settings(guard.engine_settings())
 
 
-def head_thresholds(guard: GuardSettings) -> tuple[tuple[Side, float], ...]:
-    """The per-side thresholds of the transformers engine's verdict head (none when `score_threshold` is set, or
-    for other engines, or without a head)."""
-    if guard.score_threshold is not None or guard.engine_name() != "transformers":
-        return ()
-    model, adapter = guard.options.get("model", "embedded"), guard.options.get("adapter", "auto")
-    folder = head_folder(str(model), None if adapter is None else str(adapter))
-    info = HeadInfo.read(folder) if folder is not None else None
-    return () if info is None else tuple((Side(side), value) for side, value in info.thresholds.items())
-
-
-def build_screener(guard: GuardSettings, engine: GuardEngine) -> Screener:
-    """A screener over `engine` with the settings' sampling, timeout and cache."""
+def build_screener(guard: GuardSettings, engine: GuardEngine, recorder: Recorder | None = None) -> Screener:
+    """A screener over `engine` with the settings' sampling, timeout and cache; with `recorder`, each guard call
+    is a GenAI client span (a verdict from the cache makes none). A configured `score_threshold` overrides the
+    thresholds the engine's scorer was calibrated with."""
     sampling = Sampling(guard.temperature, guard.top_p, guard.repetition_penalty, guard.max_tokens)
     settings = ScreenSettings(
         guard.effective_mode(),
@@ -96,28 +57,22 @@ def build_screener(guard: GuardSettings, engine: GuardEngine) -> Screener:
         overlap_chars=guard.segment_overlap_chars,
         max_segments=guard.max_segments,
         segments_in_flight=guard.segments_in_flight,
-        score_thresholds=head_thresholds(guard),
+        score_thresholds=engine.info.score_thresholds if guard.score_threshold is None else (),
     )
     cache: TTLCache[Verdict] = TTLCache(guard.cache.max_entries, guard.cache.ttl_s)
-    return Screener(engine, settings, cache)
+    info = engine.info
+    calls = (
+        engine if recorder is None else TracedEngine(engine, recorder.tracer, info.provider, info.model, info.address)
+    )
+    return Screener(calls, settings, cache)
 
 
-def traced_engine(guard: GuardSettings, engine: GuardEngine, recorder: Recorder) -> TracedEngine:
-    """`engine` making a GenAI client span of each guard call: the provider is `openai` for an OpenAI-compatible
-    guard server, the engine's name for an embedded model (no server address then)."""
-    if guard.engine_name() == "openai":
-        return TracedEngine(engine, recorder.tracer, "openai", guard.model or "rsafe", guard.url or "")
-    model = guard.options.get("model")
-    return TracedEngine(engine, recorder.tracer, engine.name, model if isinstance(model, str) else None, "")
-
-
-def guard_description(guard: GuardSettings) -> str:
-    """The guard in a few words for the log: engine, model, mode (and where, for a served guard)."""
-    name = guard.engine_name()
-    if name == "openai":
-        return f"engine openai, model {guard.model or 'rsafe'} at {guard.url}, mode {guard.effective_mode()}"
-    model = guard.options.get("model", "embedded")
-    return f"engine {name}, model {model}, mode {guard.effective_mode()}"
+def guard_description(guard: GuardSettings, engine: GuardEngine) -> str:
+    """The guard in a few words for the log: engine, model, where (for a served guard), mode."""
+    info = engine.info
+    model = f", model {info.model}" if info.model else ""
+    where = f" at {info.address}" if info.address else ""
+    return f"engine {guard.engine_name()}{model}{where}, mode {guard.effective_mode()}"
 
 
 EMBEDDED_NOTICE = (
@@ -146,25 +101,18 @@ def start_audit(settings: Settings, recorder: Recorder) -> AuditWriter | None:
     return writer.start()
 
 
-def policy_paths(settings: Settings) -> dict[str, Path]:
-    """Each tenant's policy file."""
-    base = Path(settings.base_dir)
-    return {tenant.id: resolve_policy_path(tenant.policy, base) for tenant in settings.tenants}
-
-
 @dataclass
 class Runtime:
     """The live parts of one proxy."""
 
     settings: Settings
-    policies: PolicyStore
-    tenants: TenantDirectory
+    # the tenants and their policies, replaced whole by a reload: read it once per request and keep that value
+    tenancy: Tenancy
     recorder: Recorder
     engine: GuardEngine
     client: httpx.AsyncClient
     pipeline: Pipeline
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    config_error: str | None = None
     drain: Drain = field(default_factory=Drain)  # begun by the server at shutdown (rsafe_proxy.server)
     upstream_error: str | None = None  # why the last upstream check failed (None: it answered, or none ran yet)
     upstream_checked: float = -math.inf  # when it ran (monotonic)
@@ -192,29 +140,32 @@ class Runtime:
         )
         key = upstream_settings.api_key.get_secret_value() if upstream_settings.api_key else None
         pipeline = Pipeline(
-            build_screener(settings.guard, traced_engine(settings.guard, engine, recorder)),
+            build_screener(settings.guard, engine, recorder),
             Upstream(client, upstream_settings.base_url),
             recorder,
             engine.name,
             parallel=settings.server.input_screening == "parallel",
             upstream_api_key=key,
         )
-        tenants = TenantDirectory(settings.tenants, os.environ if env is None else env)
+        env = os.environ if env is None else env
+        tenants = TenantDirectory(settings.tenants, env)
         for name in tenants.missing_env:
             log.warning("tenant key variable %s is not set: that key cannot be used", name)
-        runtime = cls(settings, policies, tenants, recorder, engine, client, pipeline)
+        runtime = cls(settings, Tenancy(tenants, policies), recorder, engine, client, pipeline)
         recorder.provider.add_span_processor(DecisionLog())  # one log line per block, rewrite or flag
         runtime.audit_writer = start_audit(settings, recorder)
         runtime.audit = runtime.audit_writer.store if runtime.audit_writer is not None else None
         runtime.record_policies(tenant.id for tenant in settings.tenants)
         runtime.tasks.append(asyncio.create_task(runtime.check_upstream(announce=True)))
-        if getattr(engine, "start", None) is None:
-            log.info("guard: %s (served elsewhere: /readyz tells when it answers)", guard_description(settings.guard))
+        if not engine.info.loads_model:
+            description = guard_description(settings.guard, engine)
+            log.info("guard: %s (served elsewhere: /readyz tells when it answers)", description)
         if (notice := guard_notice(settings.guard)) is not None:
             log.info(notice)
         if settings.policy_reload_s > 0:
-            runtime.tasks.append(asyncio.create_task(runtime._watch_policies()))
-        if getattr(engine, "start", None) is not None:
+            watch = TenancyWatch(settings.source, runtime.tenancy, env)
+            runtime.tasks.append(asyncio.create_task(runtime._watch_tenancy(watch)))
+        if engine.info.loads_model:
             runtime.tasks.append(asyncio.create_task(runtime._warm()))
         runtime.tasks.append(asyncio.create_task(runtime._probe_guard()))
         return runtime
@@ -227,13 +178,11 @@ class Runtime:
 
     async def _warm(self) -> None:
         """Load the guard model now rather than on the first request; /readyz tells when it is done."""
-        start = getattr(self.engine, "start", None)
-        description = guard_description(self.settings.guard)
+        description = guard_description(self.settings.guard, self.engine)
         log.info("guard loading: %s (requests wait until it is ready; /readyz is 503 until then)", description)
         started = time.perf_counter()
         try:
-            if start is not None:
-                await start()
+            await self.engine.start()
         except Exception as error:  # the failure is served as 'not ready' and retried on the next request
             log.error("the guard engine could not start: %s", error)
             return
@@ -253,50 +202,29 @@ class Runtime:
         elif announce:
             log.info("upstream %s can be reached", upstream.base_url)
 
-    async def _watch_policies(self) -> None:
-        stamp = _stamp(self.settings.source)
+    async def _watch_tenancy(self, watch: TenancyWatch) -> None:
+        """Every policy_reload_s, take the settled edits of proxy.yaml and the policy files: one assignment."""
         while True:
             await asyncio.sleep(self.settings.policy_reload_s)
-            current = _stamp(self.settings.source)
-            if current != stamp:
-                stamp = current
-                await asyncio.to_thread(self._reload_tenants)
-            before = self.policies.reload_errors
-            replaced = await asyncio.to_thread(self.policies.reload_changed)
-            if self.policies.reload_errors > before:
-                self.recorder.metrics.reload_failed(self.policies.reload_errors - before)
-            if replaced:
-                self.recorder.metrics.reloads.labels("ok").inc(len(replaced))
-                await asyncio.to_thread(self.record_policies, replaced)
+            reload = await asyncio.to_thread(watch.poll, self.tenancy)
+            if reload is not None:
+                self.tenancy = reload.tenancy
+                await asyncio.to_thread(self._count, reload)
 
-    def _reload_tenants(self) -> None:
-        """proxy.yaml changed: take its tenants (keys, policies, upstream overrides) if the whole file is valid.
-
-        Other sections (server, upstream, guard, telemetry) need a restart. A request in flight keeps the
-        tenant and policy it started with; a bad edit keeps the last good tenants serving."""
-        if self.settings.source is None:
-            return
-        try:
-            settings = load_settings(self.settings.source)
-            policies = PolicyStore.load(policy_paths(settings))
-            tenants = TenantDirectory(settings.tenants, os.environ)
-        except (FileInvalid, ValueError) as error:
-            self.config_error = str(error)
-            self.recorder.metrics.reload_failed()
-            log.error("proxy.yaml edit rejected, the last good tenants keep serving:\n%s", error)
-            return
-        self.config_error = None
-        self.tenants, self.policies = tenants, policies
-        self.record_policies(tenant.id for tenant in settings.tenants)
-        self.recorder.metrics.reloads.labels("ok").inc()
-        log.info("tenants reloaded from %s: %s", self.settings.source, ", ".join(t.id for t in settings.tenants))
+    def _count(self, reload: TenancyReload) -> None:
+        """The reload in the metrics, and its new policies in the audit log."""
+        if reload.rejected:
+            self.recorder.metrics.reload_failed(reload.rejected)
+        if reload.reloaded:
+            self.recorder.metrics.reloads.labels("ok").inc(reload.reloaded)
+        self.record_policies(reload.replaced)
 
     def record_policies(self, tenants: Iterable[str]) -> None:
         """Keep the policy text now in force for each of `tenants` in the audit log (once per version)."""
         if self.audit_writer is None:
             return
         for tenant in tenants:
-            entry = self.policies.entries.get(tenant)
+            entry = self.tenancy.policies.entries.get(tenant)
             if entry is None:
                 continue
             try:

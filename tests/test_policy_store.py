@@ -1,4 +1,5 @@
-"""PolicyStore: hot reload of policy files; a bad edit is rejected and the last good version keeps serving."""
+"""PolicyStore: hot reload of policy files (watched by FileWatch, as the runtime does); a bad edit is rejected and
+the last good version keeps serving."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from rsafe_proxy.policy.schema import Action
+from rsafe_proxy.filewatch import FileWatch
+from rsafe_proxy.policy.schema import Action, Policy
 from rsafe_proxy.policy.store import PolicyStore
 from rsafe_proxy.yamlsource import FileInvalid
 
@@ -27,7 +29,31 @@ def edit(path: Path, text: str) -> None:
     os.utime(path, ns=(before + 1_000_000_000, before + 1_000_000_000))
 
 
-def reload(store: PolicyStore) -> list[str]:
+class Watched:
+    """A store and the watch of its files, polled as the runtime's watcher polls them: each poll swaps the store."""
+
+    def __init__(self, store: PolicyStore) -> None:
+        self.store = store
+        self.files = FileWatch(store.paths())
+
+    def reload_changed(self) -> list[str]:
+        reload = self.store.reloaded(self.files.settled())
+        assert reload.store.reload_errors == self.store.reload_errors + reload.rejected
+        self.store = reload.store
+        return list(reload.replaced)
+
+    def get(self, tenant: str) -> Policy:
+        return self.store.get(tenant)
+
+    def errors(self) -> dict[str, str]:
+        return self.store.errors()
+
+    @property
+    def reload_errors(self) -> int:
+        return self.store.reload_errors
+
+
+def reload(store: Watched) -> list[str]:
     """Two polls: the first sees the change, the second reads the file that stayed unchanged since."""
     assert store.reload_changed() == []
     return store.reload_changed()
@@ -41,19 +67,19 @@ def policy_file(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def store(policy_file: Path, tmp_path: Path) -> PolicyStore:
+def store(policy_file: Path, tmp_path: Path) -> Watched:
     other = tmp_path / "other.yaml"
     other.write_text("id: other\ncategories: [{id: U1, name: Violence}]\n", encoding="utf-8")
-    return PolicyStore.load({"shop": policy_file, "other": other})
+    return Watched(PolicyStore.load({"shop": policy_file, "other": other}))
 
 
-def test_each_tenant_gets_its_policy(store: PolicyStore) -> None:
+def test_each_tenant_gets_its_policy(store: Watched) -> None:
     assert (store.get("shop").id, store.get("other").id) == ("shop", "other")
     assert store.errors() == {}
     assert store.reload_changed() == []
 
 
-def test_a_valid_edit_is_picked_up_with_a_new_version(store: PolicyStore, policy_file: Path) -> None:
+def test_a_valid_edit_is_picked_up_with_a_new_version(store: Watched, policy_file: Path) -> None:
     serving = store.get("shop")
     edit(policy_file, GOOD.replace("action: flag", "action: block"))
 
@@ -65,7 +91,7 @@ def test_a_valid_edit_is_picked_up_with_a_new_version(store: PolicyStore, policy
     assert store.reload_changed() == []
 
 
-def test_an_edit_that_changes_nothing_keeps_the_version(store: PolicyStore, policy_file: Path) -> None:
+def test_an_edit_that_changes_nothing_keeps_the_version(store: Watched, policy_file: Path) -> None:
     version = store.get("shop").version
     edit(policy_file, "# reviewed by legal\n" + GOOD)
     assert reload(store) == []
@@ -74,7 +100,7 @@ def test_an_edit_that_changes_nothing_keeps_the_version(store: PolicyStore, poli
 
 
 def test_an_invalid_edit_is_rejected_and_the_last_good_version_serves(
-    store: PolicyStore, policy_file: Path, caplog: pytest.LogCaptureFixture
+    store: Watched, policy_file: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     good = store.get("shop")
     broken = GOOD.replace("action: flag", "action: maybe")
@@ -100,7 +126,7 @@ def test_an_invalid_edit_is_rejected_and_the_last_good_version_serves(
     assert store.get("shop").categories[1].action is Action.BLOCK
 
 
-def test_fixing_an_edit_back_to_the_serving_version_clears_the_error(store: PolicyStore, policy_file: Path) -> None:
+def test_fixing_an_edit_back_to_the_serving_version_clears_the_error(store: Watched, policy_file: Path) -> None:
     version = store.get("shop").version
     edit(policy_file, "id: shop\ncategories: [")
     reload(store)
@@ -111,7 +137,7 @@ def test_fixing_an_edit_back_to_the_serving_version_clears_the_error(store: Poli
     assert store.get("shop").version == version
 
 
-def test_a_deleted_file_keeps_the_last_good_version(store: PolicyStore, policy_file: Path) -> None:
+def test_a_deleted_file_keeps_the_last_good_version(store: Watched, policy_file: Path) -> None:
     version = store.get("shop").version
     policy_file.unlink()
     assert reload(store) == []
@@ -122,7 +148,7 @@ def test_a_deleted_file_keeps_the_last_good_version(store: PolicyStore, policy_f
     assert store.errors() == {}
 
 
-def test_a_file_replaced_by_rename_is_picked_up(store: PolicyStore, policy_file: Path, tmp_path: Path) -> None:
+def test_a_file_replaced_by_rename_is_picked_up(store: Watched, policy_file: Path, tmp_path: Path) -> None:
     # editors save by writing a new file and renaming it over the old one
     stat = policy_file.stat()
     replacement = tmp_path / "shop.yaml.swp"
@@ -133,7 +159,7 @@ def test_a_file_replaced_by_rename_is_picked_up(store: PolicyStore, policy_file:
     assert "shop" in store.errors()
 
 
-def test_a_file_is_read_only_once_it_has_stopped_changing(store: PolicyStore, policy_file: Path) -> None:
+def test_a_file_is_read_only_once_it_has_stopped_changing(store: Watched, policy_file: Path) -> None:
     # an editor caught half-way: the first lines alone are a valid policy that would flag nothing
     edit(policy_file, GOOD.split("  - {id: S2")[0])
     assert store.reload_changed() == []
@@ -155,3 +181,13 @@ def test_start_up_stops_on_every_bad_policy(tmp_path: Path) -> None:
         ("b.yaml", 2),
         ("missing.yaml", None),
     ]
+
+
+def test_a_reload_leaves_the_store_a_request_holds_unchanged(store: Watched, policy_file: Path) -> None:
+    held = store.store  # what a request read at its start
+    edit(policy_file, GOOD.replace("action: flag", "action: block"))
+    assert reload(store) == ["shop"]
+    assert held.get("shop").categories[1].action is Action.FLAG
+    assert store.store is not held
+    with pytest.raises(TypeError):
+        held.entries["shop"] = held.entries["other"]  # type: ignore[index]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +14,8 @@ import pytest
 import yaml
 
 from rsafe_proxy.config import load_settings
-from tests.doubles import FakeUpstream, ScriptedGuard
+from tests.doubles import ScriptedGuard
+from tests.fake_upstream import FakeUpstream
 from tests.serving import Proxy, Servers, proxy_config, start_proxy
 
 
@@ -79,3 +82,51 @@ def test_a_key_never_selects_a_tenant_that_is_gone(
     config["tenants"] = [tenant for tenant in config["tenants"] if tenant["id"] != key[-1]]
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     eventually(lambda: not answers(proxy, key))
+
+
+def _slow_request(proxy: Proxy, key: str, body: bytes) -> socket.socket:
+    """A request whose headers and first half of the body are sent now; the rest is up to the caller."""
+    host, port = proxy.url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nhost: {host}\r\nauthorization: Bearer {key}\r\n"
+        f"content-type: application/json\r\ncontent-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    )
+    sock.sendall(head.encode() + body[: len(body) // 2])
+    return sock
+
+
+def _rest_and_answer(sock: socket.socket, body: bytes) -> bytes:
+    sock.sendall(body[len(body) // 2 :])
+    answer = b""
+    while part := sock.recv(65536):
+        answer += part
+    sock.close()
+    return answer
+
+
+def test_a_request_whose_tenant_is_removed_while_its_body_arrives_finishes_with_its_snapshot(
+    servers: Servers, upstream: FakeUpstream, guard: ScriptedGuard, tmp_path: Path
+) -> None:
+    config = proxy_config(upstream.url, guard.url, tmp_path, policy_reload_s=0.05)
+    del config["base_dir"]
+    config["tenants"] = [
+        {"id": "a", "keys": [digest("sk-a")], "policy": "rsafe-default"},
+        {"id": "b", "keys": [digest("sk-b")], "policy": "rsafe-default"},
+    ]
+    path = tmp_path / "proxy.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    proxy = start_proxy(servers, load_settings(path))
+    assert answers(proxy, "sk-b")
+    body = json.dumps({"model": "fake-model", "messages": [{"role": "user", "content": "hello " * 50}]}).encode()
+
+    sock = _slow_request(proxy, "sk-b", body)
+    time.sleep(0.3)  # the proxy has resolved the tenant and waits for the rest of the body
+    config["tenants"] = [tenant for tenant in config["tenants"] if tenant["id"] != "b"]
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    eventually(lambda: not answers(proxy, "sk-b"))  # b is gone for new requests
+    answer = _rest_and_answer(sock, body)
+
+    status, _, rest = answer.partition(b"\r\n")
+    assert status == b"HTTP/1.1 200 OK", answer  # the request keeps the tenancy it started with
+    assert json.loads(rest.partition(b"\r\n\r\n")[2])["choices"][0]["message"]["content"]

@@ -23,7 +23,7 @@ from rsafe_proxy.guard.protocol import Side
 from rsafe_proxy.guard.screen import ScreenSettings
 from rsafe_proxy.policy.loading import load_policy, packaged_policy_path
 from rsafe_proxy.policy.schema import Policy
-from rsafe_proxy.runtime import build_screener, head_thresholds
+from rsafe_proxy.runtime import build_engine, build_screener
 from rsafe_proxy.train.head import _limited, calibration_error, choose_threshold, fit, predict
 from tests.tiny_models import PREFIX, PROMPTS, build_tiny_model, engine_outputs
 
@@ -117,8 +117,9 @@ def _policy(**guard: object) -> Policy:
 
 def test_thresholds_come_from_the_policy_then_the_head_then_the_configuration(headed: Path) -> None:
     guard = GuardSettings(engine="transformers", options={"model": str(headed), "adapter": None})
-    assert dict(head_thresholds(guard)) == {Side.INPUT: 0.3, Side.OUTPUT: 0.7}
-    settings = build_screener(guard, TransformersEngine(model=str(headed), adapter=None)).settings
+    engine = build_engine(guard)
+    assert dict(engine.info.score_thresholds) == {Side.INPUT: 0.3, Side.OUTPUT: 0.7}
+    settings = build_screener(guard, engine).settings
     plain = load_policy(packaged_policy_path())
     assert settings.threshold(plain, Side.INPUT) == 0.3
     assert settings.threshold(plain, Side.OUTPUT) == 0.7
@@ -126,15 +127,16 @@ def test_thresholds_come_from_the_policy_then_the_head_then_the_configuration(he
     one_side = _policy(score_threshold={"output": 0.4})
     assert (settings.threshold(one_side, Side.INPUT), settings.threshold(one_side, Side.OUTPUT)) == (0.3, 0.4)
     configured = GuardSettings(engine="transformers", score_threshold=0.6, options={"model": str(headed)})
-    assert head_thresholds(configured) == ()
     chosen = build_screener(configured, TransformersEngine(model=str(headed), adapter=None)).settings
+    assert chosen.score_thresholds == ()  # the configured threshold overrides the head's
     assert chosen.threshold(plain, Side.INPUT) == 0.6
 
 
 def test_other_engines_have_no_head_thresholds() -> None:
     guard = GuardSettings(engine="openai", url="http://127.0.0.1:9")
-    assert head_thresholds(guard) == ()
-    assert build_screener(guard, TransformersEngine()).settings.threshold(_policy(), Side.INPUT) == 0.5
+    engine = build_engine(guard)
+    assert engine.info.score_thresholds == ()
+    assert build_screener(guard, engine).settings.threshold(_policy(), Side.INPUT) == 0.5
 
 
 def test_a_policy_threshold_out_of_range_is_refused() -> None:

@@ -74,7 +74,7 @@ class _Visit:
 
     def tenants(self) -> list[str]:
         """The tenants this viewer sees, as the proxy serves them now (a proxy.yaml reload may change them)."""
-        return self.viewer.visible(self.runtime.policies.entries)
+        return self.viewer.visible(self.runtime.tenancy.policies.entries)
 
 
 def _cross_site(request: Request) -> bool:
@@ -331,7 +331,8 @@ class Console:
         )
 
     async def _tenants(self, request: Request, visit: _Visit) -> Response:
-        policies = visit.runtime.policies  # read once: a reload swaps it
+        tenancy = visit.runtime.tenancy  # read once: a reload swaps it
+        policies = tenancy.policies
         errors = policies.errors()
         rows = []
         for tenant in visit.viewer.visible(policies.entries):
@@ -354,7 +355,7 @@ class Console:
             "tenants.html",
             visit.session,
             rows=rows,
-            config_error=visit.runtime.config_error if visit.viewer.is_admin else None,
+            config_error=tenancy.config_error if visit.viewer.is_admin else None,
             reload_errors=policies.reload_errors,
         )
 
@@ -375,7 +376,8 @@ class Console:
         old, old_count = by_version.get(wanted_old, (None, 0))
         new, new_count = by_version.get(wanted_new, (None, 0))
         rows = side_by_side(old.source, new.source) if old is not None and new is not None else []
-        active = visit.runtime.policies.get(chosen).version if chosen in visit.runtime.policies.entries else None
+        entry = visit.runtime.tenancy.policies.entries.get(chosen)
+        active = entry.policy.version if entry is not None else None
         return self._html(
             request,
             "policies.html",
@@ -429,7 +431,7 @@ class Console:
         tenant, side = form["tenant"], form["side"]
         if not visit.viewer.sees(tenant):
             return self._refused(request, visit, tenant)
-        policies = visit.runtime.policies
+        policies = visit.runtime.tenancy.policies  # read once: a reload swaps it
         if tenant not in policies.entries:
             return self._playground_page(request, visit, form, 400, problem=f"There is no tenant {tenant!r}.")
         if side not in ("input", "output"):

@@ -1,11 +1,20 @@
-"""The one small interface every guard engine implements, and the registry that picks one by name."""
+"""The one small interface every guard engine implements, and the registry that picks one by name.
+
+An engine is a class with `from_settings(EngineSettings)` (it reads the parts of the guard settings it uses) whose
+instances are GuardEngines: `start()` loads what must be loaded, `complete()` judges one prompt, `ready()` says
+whether it can judge now, `aclose()` releases it, and `info` tells it in logs and spans. The registry is data:
+"module:attr" strings, imported only when chosen.
+"""
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
+
+from rsafe_proxy.extras import require_engine_extra
+from rsafe_proxy.guard.protocol import Side
 
 ENGINES: Mapping[str, str] = {
     "openai": "rsafe_proxy.guard.engines.openai:OpenAIEngine",
@@ -60,9 +69,38 @@ class GuardContextExceeded(GuardEngineError):
     """The prompt does not fit the guard model's context: the screener judges the content in smaller pieces."""
 
 
+@dataclass(frozen=True)
+class EngineSettings:
+    """The guard settings an engine is built from (proxy.yaml's `guard` section, with `auto` resolved): each
+    engine's `from_settings` takes the parts it uses. `options` are the engine's own (guard.options)."""
+
+    engine: str
+    mode: str = "generate"
+    url: str | None = None
+    model: str | None = None
+    api_key: str | None = None
+    timeout_s: float = 60.0
+    max_connections: int = 64
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """An engine as the proxy tells it: the GenAI provider and model of its spans, the server it calls (`address`,
+    "" in process), whether `start()` loads a model here (the proxy then loads it before serving and says so),
+    and the per-side score thresholds its scorer was calibrated with (a verdict head's; () for none)."""
+
+    provider: str
+    model: str | None = None
+    address: str = ""
+    loads_model: bool = False
+    score_thresholds: tuple[tuple[Side, float], ...] = ()
+
+
 @runtime_checkable
-class GuardEngine(Protocol):
-    """Turns one rendered guard prompt (a user message, after an optional system message) into the model's output.
+class GuardCompleter(Protocol):
+    """What a screen calls: one rendered guard prompt (a user message, after an optional system message) in, the
+    model's output out.
 
     `cache_salt` names whose prompt this is for the engine's own caches (a tenant's salt): cached prompt state
     (prefix key/value caches) is reused only between calls with the same salt, so one tenant cannot learn from
@@ -80,6 +118,18 @@ class GuardEngine(Protocol):
         had otherwise."""
         ...
 
+
+@runtime_checkable
+class GuardEngine(GuardCompleter, Protocol):
+    """A guard engine with its lifecycle: started once, asked whether it is ready, closed once."""
+
+    info: EngineInfo
+
+    async def start(self) -> None:
+        """Load the model, or whatever else must be ready before the first call (nothing, for a served guard);
+        raise GuardEngineError if it cannot be. Calling it again once started does nothing."""
+        ...
+
     async def ready(self) -> bool:
         """True when the engine can serve a verdict now (model loaded, server reachable)."""
         ...
@@ -89,14 +139,39 @@ class GuardEngine(Protocol):
         ...
 
 
-def load_engine(name: str, options: Mapping[str, Any]) -> GuardEngine:
-    """Build the engine registered as `name` (imported lazily, so unused engines cost nothing)."""
+class EngineFactory(Protocol):
+    """An engine class: builds its engine from the guard settings."""
+
+    def from_settings(self, settings: EngineSettings) -> GuardEngine:
+        """The engine these settings configure; ValueError for settings it cannot run with."""
+        ...
+
+
+def _registered(name: str) -> Any:
+    """The class registered as `name`, or named by `module:Class` (imported now, so unused engines cost nothing)."""
     target = ENGINES.get(name, name)
     if ":" not in target:
         raise ValueError(f"unknown guard engine {name!r}; known: {', '.join(sorted(ENGINES))} or 'module:Class'")
+    require_engine_extra(name)  # a slim install asked for the embedded model: say which extra, not a traceback
     module_name, attr = target.split(":", 1)
-    factory = getattr(importlib.import_module(module_name), attr)
-    engine = factory(**options)
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def _checked(engine: object, name: str) -> GuardEngine:
     if not isinstance(engine, GuardEngine):
-        raise TypeError(f"{target} does not implement GuardEngine")
+        raise TypeError(f"{ENGINES.get(name, name)} does not implement GuardEngine")
     return engine
+
+
+def engine_from_settings(settings: EngineSettings) -> GuardEngine:
+    """The engine `settings.engine` names, built by its class's `from_settings`."""
+    factory: EngineFactory = _registered(settings.engine)
+    if not callable(getattr(factory, "from_settings", None)):  # a module:Class written for another contract
+        raise TypeError(f"{ENGINES.get(settings.engine, settings.engine)} has no from_settings(EngineSettings)")
+    return _checked(factory.from_settings(settings), settings.engine)
+
+
+def load_engine(name: str, options: Mapping[str, Any]) -> GuardEngine:
+    """The engine registered as `name` built with `options` as its keywords (benchmarks and tests that build
+    one engine directly; the proxy uses engine_from_settings)."""
+    return _checked(_registered(name)(**options), name)

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field, replace
 from rsafe_proxy.errors import ContentTooLong
 from rsafe_proxy.guard.cache import TTLCache, cache_key, chained_keys
 from rsafe_proxy.guard.conversation import Turn, transcript
-from rsafe_proxy.guard.engine import GuardContextExceeded, GuardEngine, GuardEngineError, GuardOutput, Sampling
+from rsafe_proxy.guard.engine import GuardCompleter, GuardContextExceeded, GuardEngineError, GuardOutput, Sampling
 from rsafe_proxy.guard.families import Family, family, mode_problem
 from rsafe_proxy.guard.normalise import normalise, normalised_bound
+from rsafe_proxy.guard.policyview import PolicyView
 from rsafe_proxy.guard.protocol import (
     Label,
     Reading,
@@ -28,7 +29,6 @@ from rsafe_proxy.guard.protocol import (
     render_prompt,
 )
 from rsafe_proxy.guard.segments import halves, segment_count, segments
-from rsafe_proxy.policy.schema import Policy
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ class ScreenSettings:
     segments_in_flight: int = 4
     score_thresholds: tuple[tuple[Side, float], ...] = ()  # per side (a verdict head's calibrated ones)
 
-    def threshold(self, policy: Policy, side: Side) -> float:
+    def threshold(self, policy: PolicyView, side: Side) -> float:
         """In score mode, P(unsafe) at or above this is unsafe: the policy's own for the side, else this
         screener's for the side, else `score_threshold`."""
         own = policy.guard.score_threshold
@@ -102,7 +102,7 @@ class _Allowance:
         self.left -= needed
 
 
-def _strictness(policy: Policy, side: Side, verdict: Verdict) -> int:
+def _strictness(policy: PolicyView, side: Side, verdict: Verdict) -> int:
     """How strict the decision on an unsafe verdict would be: its named categories' strictest action, or the
     policy's default action when it names none (as decide() reads it)."""
     actions = {category.id: category.action for category in policy.categories_for(side)}
@@ -110,7 +110,7 @@ def _strictness(policy: Policy, side: Side, verdict: Verdict) -> int:
     return max(action.strictness for action in named) if named else policy.default_action.strictness
 
 
-def combine(policy: Policy, side: Side, verdicts: Sequence[Verdict]) -> Verdict:
+def combine(policy: PolicyView, side: Side, verdicts: Sequence[Verdict]) -> Verdict:
     """One verdict for content judged in pieces: unsafe if any piece is, else unknown if any is, else safe.
 
     The categories are those of the unsafe pieces whose decision is the strictest, so that a piece whose
@@ -154,7 +154,7 @@ class Screener:
     """
 
     def __init__(
-        self, engine: GuardEngine, settings: ScreenSettings, cache: TTLCache[Verdict], secret: bytes | None = None
+        self, engine: GuardCompleter, settings: ScreenSettings, cache: TTLCache[Verdict], secret: bytes | None = None
     ) -> None:
         self.engine = engine
         self.settings = settings
@@ -166,18 +166,18 @@ class Screener:
         from nor written to the cache traffic uses (the console's playground: a trial must not seed verdicts)."""
         return Screener(self.engine, self.settings, TTLCache(0, 0.0), self._secret)
 
-    def family(self, policy: Policy) -> Family:
+    def family(self, policy: PolicyView) -> Family:
         """The template family this policy is rendered and read with (the configured one overrides it)."""
         return family(self.settings.template or policy.template)
 
-    def render(self, policy: Policy, side: Side, prompt: str, response: str | None = None) -> str:
+    def render(self, policy: PolicyView, side: Side, prompt: str, response: str | None = None) -> str:
         """The guard prompt (the user message) for this policy and content."""
         chosen = self.family(policy)
         template = load_template(chosen.name, side)
         content = response if side is Side.OUTPUT else None
         return render_prompt(template, policy.category_lines(side), prompt, content, chosen.line)
 
-    def render_system(self, policy: Policy, side: Side) -> str | None:
+    def render_system(self, policy: PolicyView, side: Side) -> str | None:
         """The system message for this policy, for families that put the policy there; else None."""
         chosen = self.family(policy)
         template = load_system_template(chosen.name)
@@ -188,7 +188,7 @@ class Screener:
         different across tenants (an HMAC of the tenant id under this screener's secret)."""
         return hmac.new(self._secret, tenant.encode(), hashlib.sha256).hexdigest()
 
-    def _sampling(self, policy: Policy) -> Sampling:
+    def _sampling(self, policy: PolicyView) -> Sampling:
         overrides = policy.guard
         return replace(
             self.settings.sampling,
@@ -197,7 +197,7 @@ class Screener:
             top_p=overrides.top_p or self.settings.sampling.top_p,
         )
 
-    def _read(self, output: GuardOutput, policy: Policy, side: Side, content: str) -> Reading:
+    def _read(self, output: GuardOutput, policy: PolicyView, side: Side, content: str) -> Reading:
         if output.unsafe_probability is not None:
             threshold = self.settings.threshold(policy, side)
             unsafe = output.unsafe_probability >= threshold
@@ -219,13 +219,13 @@ class Screener:
             return replace(reading, label=Label.SAFE, categories=())
         return reading
 
-    def _key(self, tenant: str, policy: Policy, side: Side, piece: Piece) -> str:
+    def _key(self, tenant: str, policy: PolicyView, side: Side, piece: Piece) -> str:
         prompt, response = piece
         return cache_key(
             "verdict", tenant, policy.version, side.value, self.settings.template or "", prompt, response or ""
         )
 
-    def _conversation_keys(self, tenant: str, policy: Policy, turns: Sequence[Turn]) -> list[str]:
+    def _conversation_keys(self, tenant: str, policy: PolicyView, turns: Sequence[Turn]) -> list[str]:
         head = ("conversation", tenant, policy.version, self.settings.template or "")
         return chained_keys(head, [(turn.role, normalise(turn.text)) for turn in turns])
 
@@ -239,7 +239,7 @@ class Screener:
                 f"The content is too long to screen: more than the {most} characters one request may have judged."
             )
 
-    def known_turns(self, policy: Policy, turns: Sequence[Turn], *, tenant: str = "") -> int:
+    def known_turns(self, policy: PolicyView, turns: Sequence[Turn], *, tenant: str = "") -> int:
         """How many leading turns of this conversation were already judged safe as a whole (the rest are new);
         ContentTooLong for a conversation too long to judge."""
         self.admit([turn.text for turn in turns])
@@ -250,7 +250,7 @@ class Screener:
                 return count
         return 0
 
-    async def screen_turns(self, policy: Policy, turns: Sequence[Turn], *, tenant: str = "") -> Verdict:
+    async def screen_turns(self, policy: PolicyView, turns: Sequence[Turn], *, tenant: str = "") -> Verdict:
         """The verdict on a whole conversation (one role-labelled transcript), remembered when safe: the next
         request that extends it knows which of its turns are new."""
         verdict = await self.screen(policy, Side.INPUT, transcript(turns), tenant=tenant)
@@ -281,7 +281,7 @@ class Screener:
         return [(context, segment) for segment in segments(judged, size, overlap)]
 
     async def screen(
-        self, policy: Policy, side: Side, prompt: str, response: str | None = None, *, tenant: str = ""
+        self, policy: PolicyView, side: Side, prompt: str, response: str | None = None, *, tenant: str = ""
     ) -> Verdict:
         """The verdict on `prompt` (input side) or on `response` to `prompt` (output side), for `tenant`.
 
@@ -392,7 +392,7 @@ class Screener:
 class _Call:
     """What every guard call of one screen shares."""
 
-    policy: Policy
+    policy: PolicyView
     side: Side
     tenant: str
     salt: str

@@ -1,12 +1,13 @@
-"""Tenants' policies in memory, reloaded when their files change; a bad edit never replaces a good version."""
+"""Tenants' policies as one immutable value; a reload makes a new store, and a bad edit never replaces a good
+version."""
 
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
+from types import MappingProxyType
 
 from rsafe_proxy.policy.loading import load_policy
 from rsafe_proxy.policy.schema import Policy
@@ -15,34 +16,31 @@ from rsafe_proxy.yamlsource import FileInvalid, Problem
 log = logging.getLogger("rsafe_proxy.policy")
 
 
-_Stamp = tuple[int, int, int]
-_MISSING: _Stamp = (-1, -1, -1)
+@dataclass(frozen=True)
+class PolicyEntry:
+    """One tenant's policy file and the policy read from it; `error` says why its latest edit was rejected."""
 
-
-def _stamp(path: Path) -> _Stamp:
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return _MISSING
-    # the inode too: an editor that saves by renaming a new file over the old one may keep mtime and size
-    return (stat.st_ino, stat.st_mtime_ns, stat.st_size)
-
-
-@dataclass
-class _Entry:
     path: Path
     policy: Policy
-    stamp: _Stamp
     error: str | None = None
-    changing: _Stamp | None = None  # seen changed by the latest call: read once it stays so
 
 
-@dataclass
+@dataclass(frozen=True)
+class PolicyReload:
+    """What reading changed policy files gave: the next store, the tenants whose policy it replaced, and how many
+    edits it rejected."""
+
+    store: PolicyStore
+    replaced: tuple[str, ...]
+    rejected: int
+
+
+@dataclass(frozen=True)
 class PolicyStore:
-    """Policies by tenant id. `get` returns an immutable snapshot: a request keeps the one it started with."""
+    """Policies by tenant id, frozen: a request keeps the store (and the policy) it started with."""
 
-    entries: dict[str, _Entry] = field(default_factory=dict)
-    reload_errors: int = 0
+    entries: Mapping[str, PolicyEntry]
+    reload_errors: int = 0  # edits rejected since this store's tenants were loaded
 
     @classmethod
     def load(cls, paths: Mapping[str, Path]) -> PolicyStore:
@@ -51,48 +49,45 @@ class PolicyStore:
         entries = {}
         for tenant, path in paths.items():
             try:
-                entries[tenant] = _Entry(path, load_policy(path), _stamp(path))
+                entries[tenant] = PolicyEntry(path, load_policy(path))
             except FileInvalid as error:
                 problems.extend(error.problems)
         if problems:
             raise FileInvalid(problems)
-        return cls(entries)
+        return cls(MappingProxyType(entries))
 
     def get(self, tenant: str) -> Policy:
-        """The policy now in force for `tenant`."""
+        """The policy in force for `tenant` (KeyError for a tenant this store does not know)."""
         return self.entries[tenant].policy
 
     def errors(self) -> dict[str, str]:
         """Tenants whose latest edit was rejected, with why."""
         return {tenant: entry.error for tenant, entry in self.entries.items() if entry.error}
 
-    def reload_changed(self) -> list[str]:
-        """Reload the files that changed and have stayed unchanged since the previous call; returns the tenants
-        whose policy was replaced.
+    def paths(self) -> set[Path]:
+        """Every policy file the store was read from."""
+        return {entry.path for entry in self.entries.values()}
 
-        A file is read only once it has settled: an editor writing it in place could otherwise be caught
-        half-way, and the first lines of a policy may well be a valid policy, with other actions.
-        """
-        replaced = []
+    def reloaded(self, changed: Collection[Path]) -> PolicyReload:
+        """The store with the policy files in `changed` read again. A file that cannot be used keeps the tenant's
+        last good policy (and records why); a file whose policy keeps its version replaces nothing."""
+        entries = dict(self.entries)
+        replaced, rejected = [], 0
         for tenant, entry in self.entries.items():
-            stamp = _stamp(entry.path)
-            if stamp == entry.stamp:
-                entry.changing = None
+            if entry.path not in changed:
                 continue
-            if stamp != entry.changing:
-                entry.changing = stamp
-                continue
-            entry.stamp, entry.changing = stamp, None
             try:
                 policy = load_policy(entry.path)
             except FileInvalid as error:
-                entry.error = str(error)
-                self.reload_errors += 1
+                entries[tenant] = replace(entry, error=str(error))
+                rejected += 1
                 log.error("policy edit rejected, tenant %s keeps version %s:\n%s", tenant, entry.policy.version, error)
                 continue
-            entry.error = None
-            if policy.version != entry.policy.version:
-                entry.policy = policy
-                replaced.append(tenant)
-                log.info("tenant %s now uses policy %s version %s", tenant, policy.id, policy.version)
-        return replaced
+            if policy.version == entry.policy.version:
+                entries[tenant] = replace(entry, error=None)
+                continue
+            entries[tenant] = PolicyEntry(entry.path, policy)
+            replaced.append(tenant)
+            log.info("tenant %s now uses policy %s version %s", tenant, policy.id, policy.version)
+        store = PolicyStore(MappingProxyType(entries), self.reload_errors + rejected)
+        return PolicyReload(store, tuple(replaced), rejected)

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Self
 
 import httpx
 
-from rsafe_proxy.guard.engine import GuardContextExceeded, GuardEngineError, GuardOutput, Sampling, chat_messages
+from rsafe_proxy.guard.engine import (
+    EngineInfo,
+    EngineSettings,
+    GuardContextExceeded,
+    GuardEngineError,
+    GuardOutput,
+    Sampling,
+    chat_messages,
+)
 from rsafe_proxy.telemetry.context import inject
 
 # How OpenAI (`context_length_exceeded`) and vLLM ("maximum context length", "maximum model length") say that a
@@ -44,6 +52,7 @@ class OpenAIEngine:
     ) -> None:
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         self._model = model
+        self.info = EngineInfo("openai", model, url)  # served elsewhere: nothing to load here
         self._client = httpx.AsyncClient(
             base_url=url.rstrip("/"),
             headers=headers,
@@ -54,6 +63,22 @@ class OpenAIEngine:
             ),
             transport=transport,
         )
+
+    @classmethod
+    def from_settings(cls, settings: EngineSettings) -> Self:
+        """The engine for `guard.url` and `guard.model` (default `rsafe`); ValueError without a url."""
+        if not settings.url:
+            raise ValueError("guard.url (RSAFE_GUARD_URL) is required by the openai guard engine")
+        return cls(
+            settings.url,
+            settings.model or "rsafe",
+            api_key=settings.api_key,
+            timeout_s=settings.timeout_s,
+            max_connections=settings.max_connections,
+        )
+
+    async def start(self) -> None:
+        """Nothing to load: the guard is served elsewhere (`ready()` tells when it answers)."""
 
     async def complete(
         self, prompt: str, sampling: Sampling, system: str | None = None, *, cache_salt: str = "", requester: str = ""

@@ -23,13 +23,22 @@ import copy
 import inspect
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 from rsafe_proxy.guard.embedded import adapter_folder, head_folder, model_path, quietly
-from rsafe_proxy.guard.engine import GuardContextExceeded, GuardEngineError, GuardOutput, Sampling, chat_messages
+from rsafe_proxy.guard.engine import (
+    EngineInfo,
+    EngineSettings,
+    GuardContextExceeded,
+    GuardEngineError,
+    GuardOutput,
+    Sampling,
+    chat_messages,
+)
 from rsafe_proxy.guard.engines.fair import FairQueue
 from rsafe_proxy.guard.engines.prefix import PrefixStore, Tokens
-from rsafe_proxy.guard.head import VerdictHead
+from rsafe_proxy.guard.head import HeadInfo, VerdictHead
+from rsafe_proxy.guard.protocol import Side
 
 if TYPE_CHECKING:
     import torch
@@ -39,6 +48,14 @@ _MODES = ("score", "generate")
 _DTYPES = ("bfloat16", "float16", "float32")
 # Chat templates end a turn with these; base-model generation configs often know only the plain EOS.
 _TURN_ENDS = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>")
+
+
+def head_thresholds(model: str, adapter: str | None) -> tuple[tuple[Side, float], ...]:
+    """The per-side thresholds of the verdict head beside this model and adapter (none without a head). Read
+    from its small JSON file, with no model loaded."""
+    folder = head_folder(model, adapter)
+    info = HeadInfo.read(folder) if folder is not None else None
+    return () if info is None else tuple((Side(side), value) for side, value in info.thresholds.items())
 
 
 @dataclass(frozen=True)
@@ -96,6 +113,9 @@ class TransformersEngine:
         if prefix_cache < 0:
             raise ValueError("prefix_cache must be 0 (off) or more")
         self._options = (model, adapter, device, dtype, threads)
+        self.info = EngineInfo(
+            "transformers", model, loads_model=True, score_thresholds=head_thresholds(model, adapter)
+        )
         self._prefix_cache = prefix_cache
         self._mode = mode
         self._score_prefix = score_prefix
@@ -107,6 +127,12 @@ class TransformersEngine:
         self._runner: _Runner | None = None
         self._server: asyncio.Task[None] | None = None
         self._closed = False
+
+    @classmethod
+    def from_settings(cls, settings: EngineSettings) -> Self:
+        """The engine `guard.options` configure (model, adapter, device, dtype, threads, batching), in the guard's
+        mode."""
+        return cls(**{**settings.options, "mode": settings.mode})
 
     async def start(self) -> None:
         """Load the model (off the event loop) unless it is loaded; raise GuardEngineError if it cannot be."""

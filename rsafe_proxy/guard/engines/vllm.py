@@ -19,10 +19,18 @@ import tempfile
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from rsafe_proxy.guard.embedded import adapter_folder, cache_root, model_path
-from rsafe_proxy.guard.engine import GuardContextExceeded, GuardEngineError, GuardOutput, Sampling, chat_messages
+from rsafe_proxy.guard.engine import (
+    EngineInfo,
+    EngineSettings,
+    GuardContextExceeded,
+    GuardEngineError,
+    GuardOutput,
+    Sampling,
+    chat_messages,
+)
 
 _MODES = ("generate", "score")
 _DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -69,6 +77,7 @@ class VLLMEngine:
         if max_model_len < 1 or (kv_cache_memory_bytes is not None and kv_cache_memory_bytes < 1):
             raise ValueError("max_model_len and kv_cache_memory_bytes must be positive")
         self._model = model
+        self.info = EngineInfo("vllm", model, loads_model=True)
         self._adapter = adapter
         self._mode = mode
         self._args: dict[str, Any] = {
@@ -87,6 +96,12 @@ class VLLMEngine:
         self._prompt: _PromptBuilder | None = None
         self._failure: GuardEngineError | None = None
         self._closed = False
+
+    @classmethod
+    def from_settings(cls, settings: EngineSettings) -> Self:
+        """The engine `guard.options` configure (model, adapter, max_model_len, engine_args, ...), in the guard's
+        mode."""
+        return cls(**{**settings.options, "mode": settings.mode})
 
     async def start(self) -> None:
         """Start vLLM's engine (off the event loop) unless it runs; raise GuardEngineError if it cannot.
