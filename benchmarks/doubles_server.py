@@ -12,7 +12,8 @@ import uvicorn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.doubles import FakeUpstream, ScriptedGuard
+from tests.doubles import ScriptedGuard
+from tests.fake_upstream import FakeUpstream
 
 
 def main() -> None:

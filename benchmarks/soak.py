@@ -43,7 +43,8 @@ def serve_double(kind: str, port: int, delay_s: float) -> None:
     import uvicorn
 
     sys.path.insert(0, str(HERE.parent))
-    from tests.doubles import FakeUpstream, ScriptedGuard
+    from tests.doubles import ScriptedGuard
+    from tests.fake_upstream import FakeUpstream
 
     app = FakeUpstream(token_delay_s=delay_s).app if kind == "upstream" else ScriptedGuard(delay_s=delay_s).app
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False, backlog=4096)

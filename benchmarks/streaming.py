@@ -81,7 +81,8 @@ def serve_double(kind: str, port: int, delay_s: float) -> None:
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
-    from tests.doubles import FakeUpstream, ScriptedGuard, read_conversation
+    from tests.doubles import ScriptedGuard, read_conversation
+    from tests.fake_upstream import FakeUpstream
 
     if kind == "upstream":
         uvicorn.run(
@@ -262,7 +263,9 @@ async def measure(proxy_port: int, upstream_port: int, guard_port: int, requests
     return rows, guard_s
 
 
-def run_streams(requests: int, guard_ms: list[int]) -> None:
+def stream_tables(requests: int, guard_ms: list[int]) -> list[dict[str, Any]]:
+    """For each guard latency: the table's rows and the latency the guard measured (benchmarks/run_all.py)."""
+    tables = []
     for latency in guard_ms:
         work = tempfile.mkdtemp(prefix="rsafe-stream-bench-")
         upstream, guard, proxy_port = free_port(), free_port(), free_port()
@@ -272,18 +275,30 @@ def run_streams(requests: int, guard_ms: list[int]) -> None:
             stack.enter_context(proxy(proxy_port, upstream, guard, work))
             rows, measured = asyncio.run(measure(proxy_port, upstream, guard, requests))
         shutil.rmtree(work, ignore_errors=True)
-        print(
-            f"\nguard latency {latency} ms (measured in the guard: {measured * 1000:.0f} ms), "
-            f"{len(ANSWER.split())}-word answer ({len(ANSWER)} characters), "
-            f"a word every {WORD_DELAY_S * 1000:.0f} ms; medians of {requests} requests\n"
-        )
-        print(
-            "| target | TTFT ms | total ms | TTFT - direct ms (goal) | total - direct ms (goal) "
-            "| first window chars | windows | ahead chars |"
-        )
-        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-        for row in rows:
-            print(row)
+        tables.append({"guard_ms": latency, "measured_guard_ms": round(measured * 1000), "rows": rows})
+    return tables
+
+
+STREAM_HEADER = (
+    "| target | TTFT ms | total ms | TTFT - direct ms (goal) | total - direct ms (goal) "
+    "| first window chars | windows | ahead chars |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+)
+
+
+def print_stream_table(table: dict[str, Any], requests: int) -> None:
+    print(
+        f"\nguard latency {table['guard_ms']} ms (measured in the guard: {table['measured_guard_ms']} ms), "
+        f"{len(ANSWER.split())}-word answer ({len(ANSWER)} characters), "
+        f"a word every {WORD_DELAY_S * 1000:.0f} ms; medians of {requests} requests\n"
+    )
+    print(STREAM_HEADER)
+    for row in table["rows"]:
+        print(row)
+
+
+def run_streams(requests: int, guard_ms: list[int]) -> None:
+    for table in stream_tables(requests, guard_ms):
+        print_stream_table(table, requests)
 
 
 # -- guard tokens per window, with and without prefix reuse -------------------------------------------------------
@@ -292,13 +307,15 @@ def run_streams(requests: int, guard_ms: list[int]) -> None:
 def run_tokens() -> None:
     import torch
 
+    from rsafe_proxy.apis import CHAT
+    from rsafe_proxy.apis.choices import DONE
     from rsafe_proxy.guard.cache import TTLCache
     from rsafe_proxy.guard.engines.transformers import TransformersEngine
     from rsafe_proxy.guard.protocol import Side
     from rsafe_proxy.guard.screen import Screener, ScreenSettings, Verdict
     from rsafe_proxy.policy.decide import Decision, Outcome
     from rsafe_proxy.policy.schema import Policy, StreamSettings
-    from rsafe_proxy.streaming import DONE, WindowedScreen, sse_events
+    from rsafe_proxy.streaming import WindowedScreen, sse_events
     from tests.tiny_models import build_tiny_model
 
     policy = Policy.model_validate(
@@ -341,7 +358,7 @@ def run_tokens() -> None:
                 )
                 return Decision(Outcome.ALLOW, Side.OUTPUT)  # the tiny model's verdicts are noise: all pass
 
-            screen = WindowedScreen("chat", StreamSettings(windows_in_flight=1), judge)
+            screen = WindowedScreen(CHAT, StreamSettings(windows_in_flight=1), judge)
             async for _ in screen.run(sse_events(feed())):
                 pass
         finally:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from rsafe_proxy.datasets import Row, read_rows
+from rsafe_proxy.eval_options import EvalOptions
 from rsafe_proxy.evaluation import Metrics, compute_metrics, format_table
 from rsafe_proxy.guard.engine import GuardEngine, GuardEngineError
 from rsafe_proxy.guard.screen import Screener, Verdict
@@ -30,34 +30,24 @@ def read_sample(path: Path, limit: int | None = None) -> list[Row]:
     return rows
 
 
-def read_datasets(paths: Sequence[Path], limit: int | None = None) -> list[Dataset]:
-    """Every --data file read and checked before anything runs (a missing file or a bad line is a ValueError
-    naming it, not a failure after the model loaded and the first files were judged)."""
-    for path in paths:
-        if not path.is_file():
-            raise ValueError(f"--data {path}: {'is a directory' if path.is_dir() else 'no such file'}")
-    return [(path, read_sample(path, limit)) for path in paths]
-
-
-def check_outputs(args: argparse.Namespace) -> None:
-    """ValueError when --predictions or --json could not be written at the end of the run (no such folder)."""
-    for option, path in (("--predictions", args.predictions), ("--json", args.json)):
-        if path is not None and not path.parent.is_dir():
-            raise ValueError(f"{option} {path}: the folder {path.parent} does not exist")
+def read_datasets(options: EvalOptions) -> list[Dataset]:
+    """Every --data file read and checked before anything runs (a bad line is a ValueError naming it, not a
+    failure after the model loaded and the first files were judged; the options already hold that each is a
+    file)."""
+    return [(path, read_sample(path, options.limit)) for path in options.data]
 
 
 async def start_engine(engine: GuardEngine, description: str) -> float:
     """Load the guard model before the first row, so that its load counts against no row's timeout or latency;
     say so on stderr, with how long it took. Returns the seconds the load took (0 for a served guard); a model
     that cannot load is a ValueError (the command's exit 2)."""
-    start = getattr(engine, "start", None)
-    if start is None:
+    if not engine.info.loads_model:
         print(f"guard: {description} (no model to load first)", file=sys.stderr, flush=True)
         return 0.0
     print(f"loading the guard model: {description} ...", file=sys.stderr, flush=True)
     started = time.perf_counter()
     try:
-        await start()
+        await engine.start()
     except GuardEngineError as error:
         raise ValueError(f"the guard could not start: {error}") from error
     seconds = time.perf_counter() - started
@@ -123,71 +113,22 @@ def write_predictions(path: Path, rows: Sequence[Row], verdicts: Sequence[Verdic
             file.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
-def _positive(text: str) -> int:
-    """An argparse type: an integer of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
-
-
-def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of `rsafe-proxy eval`."""
-    parser.add_argument(
-        "--data",
-        action="append",
-        required=True,
-        type=Path,
-        metavar="FILE.jsonl",
-        help="labelled rows, one JSON object a line: {id, prompt, response, label: safe|unsafe, task: "
-        "prompt|response}; repeat for more files (one table row each); every file is checked before the model loads",
-    )
-    parser.add_argument(
-        "--limit",
-        type=_positive,
-        metavar="N",
-        help="judge N rows of each file, evenly spaced through it (default: all)",
-    )
-    parser.add_argument(
-        "--policy", metavar="FILE", help="the policy to judge under (default: the first tenant's policy in proxy.yaml)"
-    )
-    parser.add_argument(
-        "--concurrency",
-        type=_positive,
-        default=4,
-        metavar="N",
-        help="rows screened at once; the latency columns are measured under it (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--predictions",
-        type=Path,
-        metavar="OUT.jsonl",
-        help="write one line per row: gold label, prediction, P(unsafe), reasoning, seconds, error",
-    )
-    parser.add_argument(
-        "--json", type=Path, metavar="METRICS.json", help="write the table's metrics as JSON, by file name"
-    )
-
-
-async def run_eval(screener: Screener, policy: Policy, datasets: Sequence[Dataset], args: argparse.Namespace) -> int:
+async def run_eval(screener: Screener, policy: Policy, datasets: Sequence[Dataset], options: EvalOptions) -> int:
     """Evaluate every dataset (read by read_datasets; the engine started by start_engine) and print the table."""
-    if args.predictions:
-        args.predictions.write_text("", encoding="utf-8")
+    if options.predictions:
+        options.predictions.write_text("", encoding="utf-8")
     results: list[tuple[str, Metrics]] = []
     for path, rows in datasets:
         if not rows:
             print(f"{path}: no rows", file=sys.stderr)
             continue
-        verdicts = await evaluate_file(screener, policy, rows, args.concurrency, path.stem)
+        verdicts = await evaluate_file(screener, policy, rows, options.concurrency, path.stem)
         results.append((path.stem, metrics_of(rows, verdicts)))
-        if args.predictions:
-            write_predictions(args.predictions, rows, verdicts, path.name)
+        if options.predictions:
+            write_predictions(options.predictions, rows, verdicts, path.name)
     print(format_table(results))
     if any(metrics.latency_p50_s is not None for _, metrics in results):
-        print(latency_note(args.concurrency))
-    if args.json:
-        args.json.write_text(json.dumps({name: m.as_dict() for name, m in results}, indent=2), encoding="utf-8")
+        print(latency_note(options.concurrency))
+    if options.json:
+        options.json.write_text(json.dumps({name: m.as_dict() for name, m in results}, indent=2), encoding="utf-8")
     return 0

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from rsafe_proxy.config import Settings
-from tests.doubles import FakeUpstream, ScriptedGuard
+from tests.doubles import ScriptedGuard
+from tests.fake_upstream import FakeUpstream
 from tests.serving import Proxy, Servers, proxy_config, start_proxy
 
 MakeProxy = Callable[..., Proxy]

@@ -9,7 +9,7 @@ import openai
 import pytest
 
 from tests.conftest import MakeProxy
-from tests.doubles import FakeUpstream
+from tests.fake_upstream import FakeUpstream
 from tests.serving import Proxy
 
 pytestmark = pytest.mark.slow

@@ -12,7 +12,7 @@ import pytest
 from rsafe_proxy.cli import main
 from rsafe_proxy.datasets import read_rows
 from rsafe_proxy.eval_command import read_sample
-from rsafe_proxy.guard.engine import GuardOutput, Sampling
+from rsafe_proxy.guard.engine import EngineInfo, EngineSettings, GuardOutput, Sampling
 from tests.doubles import UNSAFE, ScriptedGuard
 
 
@@ -84,9 +84,17 @@ class ScoredEngine:
     """A guard engine in process that scores in score mode: P(unsafe) is the number after `p=` in the prompt."""
 
     name = "scored"
+    info = EngineInfo("scored")  # nothing to load
 
     def __init__(self, *, mode: str = "score") -> None:
         self.mode = mode
+
+    @classmethod
+    def from_settings(cls, settings: EngineSettings) -> ScoredEngine:
+        return cls(mode=settings.mode)
+
+    async def start(self) -> None:
+        return None
 
     async def complete(
         self, prompt: str, sampling: Sampling, system: str | None = None, *, cache_salt: str = "", requester: str = ""
@@ -172,6 +180,24 @@ def test_a_bad_argument_is_an_error_before_the_model_loads(
     assert code == 2
     assert captured.err.strip() == f"rsafe-proxy: {words.format(tmp=tmp_path)}"
     assert "Traceback" not in captured.err and "loading" not in captured.err and captured.out == ""
+
+
+def test_the_options_are_read_once_into_a_frozen_value(tmp_path: Path) -> None:
+    import dataclasses
+
+    from rsafe_proxy.cli import parser
+    from rsafe_proxy.eval_options import EvalOptions
+
+    data = rows_file(tmp_path)
+    argv = ["eval", "--data", str(data), "--limit", "2", "--json", str(tmp_path / "m.json"), "--policy", "p.yaml"]
+    options = EvalOptions.from_namespace(parser().parse_args(argv))
+    assert options == EvalOptions(
+        data=(data,), policy=Path("p.yaml"), limit=2, concurrency=4, json=tmp_path / "m.json", config=None
+    )
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.limit = 3  # type: ignore[misc]
+    with pytest.raises(ValueError, match="--concurrency must be at least 1"):
+        EvalOptions(data=(data,), concurrency=0)  # built without argparse, checked all the same
 
 
 @pytest.mark.parametrize(("option", "value"), [("--limit", "0"), ("--concurrency", "-2"), ("--limit", "many")])

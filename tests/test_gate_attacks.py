@@ -21,7 +21,8 @@ from rsafe_proxy.policy.loading import load_policy
 from rsafe_proxy.streaming import sse_events
 from rsafe_proxy.upstream import Upstream
 from tests.conftest import MakeProxy
-from tests.doubles import UNSAFE, UNSAFE_ANSWER, FakeUpstream, ScriptedGuard
+from tests.doubles import UNSAFE, UNSAFE_ANSWER, ScriptedGuard
+from tests.fake_upstream import FakeUpstream
 from tests.serving import Proxy, Servers, proxy_config, start_proxy, write_policy
 
 CHAT = "/v1/chat/completions"

@@ -1,29 +1,23 @@
-"""Availability of the proxy's own HTTP server: head and body timeouts, the connection cap, graceful shutdown
-that ends streams cleanly, the catch-all error boundary, malformed bodies, the guard's pool size. Every test
-runs the proxy as `rsafe-proxy serve` runs it (rsafe_proxy.server), on loopback, with raw sockets or httpx."""
+"""Availability of the proxy's own HTTP server: head and body timeouts, the connection cap, the catch-all error
+boundary, malformed bodies and the server limits' defaults (graceful shutdown: test_gate_shutdown.py; the guard's
+pool: test_gate_guard_pool.py). Every test runs the proxy as `rsafe-proxy serve` runs it (rsafe_proxy.server),
+on loopback, with raw sockets or httpx."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
 import resource
 import select
-import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from contextlib import closing, contextmanager
-from pathlib import Path
+from contextlib import closing
 from typing import Any
 
 import httpx
-import openai
 import pytest
-import yaml
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -32,17 +26,12 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from rsafe_proxy.config import Settings
-from rsafe_proxy.errors import ServerShuttingDown
-from rsafe_proxy.guard.engine import Sampling
 from rsafe_proxy.middleware import BodyLimit, ErrorBoundary
-from rsafe_proxy.runtime import build_engine
 from rsafe_proxy.server import connection_cap
 from tests.conftest import MakeProxy
-from tests.doubles import FakeUpstream, ScriptedGuard
-from tests.serving import Proxy, Servers, proxy_config, serve, unused_url, write_policy
-
-LONG_ANSWER = " ".join(f"word{number}" for number in range(60))
-
+from tests.doubles import ScriptedGuard
+from tests.fake_upstream import FakeUpstream
+from tests.serving import Proxy, serve
 
 # -- raw HTTP on a socket --------------------------------------------------------------------------------------
 
@@ -397,234 +386,7 @@ def test_a_response_that_fails_after_it_started_is_cut_not_replaced() -> None:
         assert http.get("/fails").status_code == 500
 
 
-# -- graceful shutdown -----------------------------------------------------------------------------------------
-
-
-def _small_windows(make_proxy: MakeProxy, directory: Path, **server: Any) -> Proxy:
-    """A proxy whose policy releases a streamed answer every few words (so a stream is under way when cut)."""
-    policy = write_policy(directory, "small-windows", stream={"window_chars": 40, "overlap_chars": 8})
-    tenants = [{"id": "default", "anonymous": True, "policy": str(policy)}]
-    return make_proxy(server=server, tenants=tenants)
-
-
-def _events(lines: list[str]) -> list[str]:
-    return [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
-
-
-@contextmanager
-def _reading_stream(url: str, path: str, body: dict[str, Any]) -> Iterator[tuple[list[str], threading.Event]]:
-    """Stream `body` to `path` in a thread, collecting the lines read; the event is set at the first data line.
-    At the end of the block the stream has been read to its end (an error while reading fails the test)."""
-    lines: list[str] = []
-    first = threading.Event()
-    failures: list[BaseException] = []
-
-    def read() -> None:
-        try:
-            with (
-                httpx.Client(base_url=url, timeout=30) as http,
-                http.stream("POST", path, json=body) as response,
-            ):
-                assert response.status_code == 200
-                for line in response.iter_lines():
-                    lines.append(line)
-                    if line.startswith("data: "):
-                        first.set()
-        except BaseException as error:
-            failures.append(error)
-        finally:
-            first.set()
-
-    reader = threading.Thread(target=read)
-    reader.start()
-    try:
-        yield lines, first
-    finally:
-        reader.join(timeout=30)
-    assert not reader.is_alive()
-    assert not failures, failures
-
-
-def test_shutdown_ends_a_long_chat_stream_cleanly_at_the_grace_period(
-    make_proxy: MakeProxy, upstream: FakeUpstream, tmp_path: Path
-) -> None:
-    upstream.answer, upstream.token_delay_s = LONG_ANSWER, 0.2  # 12 s of answer
-    proxy = _small_windows(make_proxy, tmp_path, shutdown_grace_s=1)
-    body = {"model": "fake-model", "messages": [{"role": "user", "content": "hello"}], "stream": True}
-    with _reading_stream(proxy.url, "/v1/chat/completions", body) as (lines, first):
-        assert first.wait(10)
-        signalled = time.monotonic()
-        proxy.served.signal()
-    ended = time.monotonic()
-    events = _events(lines)
-    last = json.loads(events[-1])
-    assert last["error"]["code"] == "server_shutting_down"
-    assert last["error"]["type"] == "server_error"
-    assert "[DONE]" not in events
-    assert 0.8 <= ended - signalled < 4
-    assert upstream.aborted.wait(5)  # the upstream read was cancelled, not left running
-
-
-def test_shutdown_ends_a_responses_stream_with_response_failed(
-    make_proxy: MakeProxy, upstream: FakeUpstream, tmp_path: Path
-) -> None:
-    upstream.answer, upstream.token_delay_s = LONG_ANSWER, 0.2
-    proxy = _small_windows(make_proxy, tmp_path, shutdown_grace_s=1)
-    body = {"model": "fake-model", "input": "hello", "stream": True}
-    with _reading_stream(proxy.url, "/v1/responses", body) as (lines, first):
-        assert first.wait(10)
-        proxy.served.signal()
-    events = [json.loads(data) for data in _events(lines)]
-    assert events[0]["type"] == "response.created"
-    failed = events[-1]
-    assert failed["type"] == "response.failed"
-    assert failed["response"]["id"] == events[0]["response"]["id"]  # SDKs check the response's identity
-    assert failed["response"]["status"] == "failed"
-    assert failed["response"]["error"]["code"] == "server_error"
-    assert failed["sequence_number"] > events[-2]["sequence_number"]
-    assert "event: response.failed" in lines
-
-
-def test_the_sdk_sees_a_shutdown_as_an_api_error_not_a_broken_connection(
-    make_proxy: MakeProxy, upstream: FakeUpstream, tmp_path: Path
-) -> None:
-    upstream.answer, upstream.token_delay_s = LONG_ANSWER, 0.2
-    proxy = _small_windows(make_proxy, tmp_path, shutdown_grace_s=0.5)
-    with proxy.client(max_retries=0) as client:
-        stream = client.chat.completions.create(
-            model="fake-model", messages=[{"role": "user", "content": "hello"}], stream=True
-        )
-        with stream, pytest.raises(openai.APIError) as caught:
-            for number, _ in enumerate(stream):
-                if number == 0:
-                    proxy.served.signal()
-    assert not isinstance(caught.value, openai.APIConnectionError)
-    assert "shutting down" in caught.value.message
-
-
-def test_a_stream_that_ends_within_the_grace_period_is_complete(make_proxy: MakeProxy, upstream: FakeUpstream) -> None:
-    upstream.answer, upstream.token_delay_s = "one two three four five six", 0.1
-    proxy = make_proxy(server={"shutdown_grace_s": 5})
-    body = {"model": "fake-model", "messages": [{"role": "user", "content": "hello"}], "stream": True}
-    with _reading_stream(proxy.url, "/v1/chat/completions", body) as (lines, first):
-        assert first.wait(10)
-        proxy.served.signal()
-    events = _events(lines)
-    assert events[-1] == "[DONE]"
-    text = "".join(json.loads(e)["choices"][0]["delta"].get("content") or "" for e in events[:-1] if e[0] == "{")
-    assert text == "one two three four five six"
-
-
-def test_a_request_unanswered_at_the_end_of_the_grace_period_gets_a_json_503(
-    make_proxy: MakeProxy, upstream: FakeUpstream
-) -> None:
-    upstream.first_byte_delay_s = 10
-    proxy = make_proxy(server={"shutdown_grace_s": 0.5})
-    answers: list[httpx.Response] = []
-
-    def ask() -> None:
-        with httpx.Client(base_url=proxy.url, timeout=30) as http:
-            body = {"model": "fake-model", "messages": [{"role": "user", "content": "hello"}]}
-            answers.append(http.post("/v1/chat/completions", json=body))
-
-    asker = threading.Thread(target=ask)
-    asker.start()
-    time.sleep(0.5)  # the request is waiting for the upstream
-    proxy.served.signal()
-    asker.join(timeout=10)
-    [answer] = answers
-    assert answer.status_code == 503
-    assert answer.json()["error"]["code"] == ServerShuttingDown.code
-    assert upstream.aborted.wait(5)
-
-
-def test_sigterm_to_rsafe_proxy_serve_ends_streams_cleanly(
-    upstream: FakeUpstream, guard: ScriptedGuard, tmp_path: Path
-) -> None:
-    upstream.answer, upstream.token_delay_s = LONG_ANSWER, 0.2
-    policy = write_policy(tmp_path, "small-windows", stream={"window_chars": 40, "overlap_chars": 8})
-    tenants = [{"id": "default", "anonymous": True, "policy": str(policy)}]
-    config = proxy_config(upstream.url, guard.url, tmp_path, server={"shutdown_grace_s": 1}, tenants=tenants)
-    (tmp_path / "proxy.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
-    url = unused_url()
-    port = url.rsplit(":", 1)[1]
-    command = [sys.executable, "-m", "rsafe_proxy.cli", "--config", str(tmp_path / "proxy.yaml"), "serve"]
-    process = subprocess.Popen(
-        [*command, "--port", port, "--log-level", "warning"], env={**os.environ, "PYTHONUNBUFFERED": "1"}
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert process.poll() is None and time.monotonic() < deadline, "rsafe-proxy serve did not start"
-            time.sleep(0.1)
-        body = {"model": "fake-model", "messages": [{"role": "user", "content": "hello"}], "stream": True}
-        with _reading_stream(url, "/v1/chat/completions", body) as (lines, first):
-            assert first.wait(10)
-            process.send_signal(signal.SIGTERM)
-        assert json.loads(_events(lines)[-1])["error"]["code"] == "server_shutting_down"
-        # after its graceful shutdown uvicorn re-raises the signal it caught, so the exit status says SIGTERM
-        assert process.wait(timeout=15) in (0, -signal.SIGTERM)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-
-
-# -- the guard's connection pool -------------------------------------------------------------------------------
-
-
-class _Concurrency:
-    """ASGI middleware counting the connections a server holds at once (the most it saw: `peak`)."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-        self.open: set[tuple[str, int]] = set()
-        self.peak = 0
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        client = scope.get("client")
-        if scope["type"] == "http" and client:
-            self.open.add((client[0], client[1]))
-            self.peak = max(self.peak, len(self.open))
-            try:
-                await self.app(scope, receive, send)
-            finally:
-                self.open.discard((client[0], client[1]))
-            return
-        await self.app(scope, receive, send)
-
-
-@pytest.mark.parametrize("pool", [2, 64])
-def test_the_guard_pool_size_reaches_the_engines_client(servers: Servers, pool: int) -> None:
-    double = ScriptedGuard(delay_s=0.3)
-    counted = _Concurrency(double.app)
-    guard_url = servers.start(counted, lifespan="off").url
-    settings = Settings.model_validate(
-        {"guard": {"engine": "openai", "url": f"{guard_url}/v1", "model": "g", "max_connections": pool}}
-    )
-    engine = build_engine(settings.guard)
-
-    async def screen_eight() -> None:
-        sampling = Sampling(0.0, 1.0, 1.0, 16)
-        try:
-            await asyncio.gather(*(engine.complete(f"User: hello {n}", sampling) for n in range(8)))
-        finally:
-            await engine.aclose()
-
-    asyncio.run(screen_eight())
-    assert counted.peak == min(pool, 8)
-
-
-def test_the_guard_pool_size_is_configurable_and_defaults_to_64() -> None:
-    assert Settings().guard.max_connections == 64
-    assert Settings.model_validate({"guard": {"max_connections": 256}}).guard.max_connections == 256
-    with pytest.raises(ValueError):
-        Settings.model_validate({"guard": {"max_connections": 0}})
+# -- server limits' defaults -----------------------------------------------------------------------------------
 
 
 def test_the_server_limits_have_safe_documented_defaults() -> None:

@@ -28,7 +28,8 @@ import yaml
 from rsafe_proxy.config import load_settings
 from rsafe_proxy.policy.loading import load_policy
 from tests.conftest import MakeProxy
-from tests.doubles import UNSAFE, FakeUpstream, ScriptedGuard
+from tests.doubles import UNSAFE, ScriptedGuard
+from tests.fake_upstream import FakeUpstream
 from tests.sdk import tenant_policy, user, wait_until
 from tests.serving import Proxy, Servers, proxy_config, start_proxy, unused_url, write_policy
 

@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from tests.doubles import UNSAFE, FakeUpstream, ScriptedGuard
+from tests.doubles import UNSAFE, ScriptedGuard
+from tests.fake_upstream import FakeUpstream
 from tests.serving import Proxy
 
 CHAT = "/v1/chat/completions"

@@ -25,7 +25,8 @@ from rsafe_proxy.paths import canonical_path, without_credentials
 from rsafe_proxy.policy.schema import Policy
 from rsafe_proxy.policy.tenants import KeyRing, bearer_token
 from tests.conftest import MakeProxy
-from tests.doubles import ASK_UNSAFE_ANSWER, UNSAFE, UNSAFE_ANSWER, FakeUpstream, ScriptedGuard
+from tests.doubles import ASK_UNSAFE_ANSWER, UNSAFE, UNSAFE_ANSWER, ScriptedGuard
+from tests.fake_upstream import FakeUpstream
 from tests.sdk import BLOCKED_OUTPUT, ask, user
 from tests.serving import Proxy, write_policy
 

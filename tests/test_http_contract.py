@@ -17,7 +17,8 @@ from rsafe_proxy.config import load_settings, packaged_config_path
 from rsafe_proxy.policy.loading import load_policy
 from rsafe_proxy.telemetry import read_decisions
 from tests.conftest import MakeProxy
-from tests.doubles import ASK_UNSAFE_ANSWER, UNSAFE, UNSAFE_ANSWER, FakeUpstream, ScriptedGuard
+from tests.doubles import ASK_UNSAFE_ANSWER, UNSAFE, UNSAFE_ANSWER, ScriptedGuard
+from tests.fake_upstream import FakeUpstream
 from tests.sdk import (
     BLOCKED_INPUT,
     BLOCKED_OUTPUT,

@@ -13,7 +13,8 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from rsafe_proxy.config import Settings
 from tests.conftest import MakeProxy
-from tests.doubles import UNSAFE, FakeUpstream, ScriptedGuard
+from tests.doubles import UNSAFE, ScriptedGuard
+from tests.fake_upstream import FakeUpstream
 from tests.sdk import (
     DEFAULT,
     ask,

@@ -21,7 +21,8 @@ import openai
 import pytest
 
 from tests.conftest import MakeProxy
-from tests.doubles import ASK_UNSAFE_ANSWER, UNSAFE, UNSAFE_ANSWER, FakeUpstream, ScriptedGuard
+from tests.doubles import ASK_UNSAFE_ANSWER, UNSAFE, UNSAFE_ANSWER, ScriptedGuard
+from tests.fake_upstream import FakeUpstream
 from tests.serving import Proxy, write_policy
 
 KEYS = {"team-a": "sk-team-a", "team-b": "sk-team-b"}

@@ -31,7 +31,8 @@ from rsafe_proxy.policy.loading import load_policy
 from rsafe_proxy.policy.schema import Messages, Policy
 from rsafe_proxy.train.data import trainable_family
 from rsafe_proxy.yamlsource import FileInvalid
-from tests.doubles import UNSAFE, FakeUpstream
+from tests.doubles import UNSAFE
+from tests.fake_upstream import FakeUpstream
 from tests.serving import Servers, proxy_config, start_proxy
 
 NAME = "qwen3guard"

@@ -6,7 +6,8 @@ from __future__ import annotations
 import openai
 import pytest
 
-from tests.doubles import ASK_UNSAFE_ANSWER, UNSAFE, FakeUpstream, ScriptedGuard
+from tests.doubles import ASK_UNSAFE_ANSWER, UNSAFE, ScriptedGuard
+from tests.fake_upstream import FakeUpstream
 from tests.sdk import BLOCKED_OUTPUT, ask
 from tests.serving import Proxy
 

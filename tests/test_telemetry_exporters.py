@@ -19,7 +19,8 @@ from starlette.routing import Route
 
 from rsafe_proxy.config import Settings
 from rsafe_proxy.telemetry.exporters import otlp_protocol, resource
-from tests.doubles import FakeUpstream, ScriptedGuard
+from tests.doubles import ScriptedGuard
+from tests.fake_upstream import FakeUpstream
 from tests.serving import Servers, proxy_config, run_proxy
 
 Export = trace_service_pb2.ExportTraceServiceRequest

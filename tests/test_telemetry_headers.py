@@ -12,7 +12,8 @@ import pytest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rsafe_proxy.config import Settings
-from tests.doubles import UNSAFE, FakeUpstream, ScriptedGuard
+from tests.doubles import UNSAFE, ScriptedGuard
+from tests.fake_upstream import FakeUpstream
 from tests.serving import Proxy, Servers, proxy_config, start_proxy
 
 CHAT = "/v1/chat/completions"

@@ -20,7 +20,8 @@ from opentelemetry.trace import SpanKind, StatusCode, format_span_id, format_tra
 from rsafe_proxy.app import build_app
 from rsafe_proxy.config import Settings
 from rsafe_proxy.runtime import Runtime
-from tests.doubles import ASK_UNSAFE_ANSWER, UNSAFE, FakeUpstream, ScriptedGuard
+from tests.doubles import ASK_UNSAFE_ANSWER, UNSAFE, ScriptedGuard
+from tests.fake_upstream import FakeUpstream
 from tests.serving import Proxy, Servers, proxy_config, write_policy
 
 CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"

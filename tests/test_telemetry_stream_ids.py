@@ -13,7 +13,8 @@ import openai
 import pytest
 
 from tests.conftest import MakeProxy
-from tests.doubles import ASK_UNSAFE_ANSWER, UNSAFE, FakeUpstream
+from tests.doubles import ASK_UNSAFE_ANSWER, UNSAFE
+from tests.fake_upstream import FakeUpstream
 from tests.serving import Proxy, write_policy
 
 CHAT = "/v1/chat/completions"

@@ -13,7 +13,7 @@ from rsafe_proxy.config import TenantSettings
 from rsafe_proxy.errors import Unauthorized
 from rsafe_proxy.policy.tenants import Tenant, TenantDirectory
 from tests.conftest import MakeProxy
-from tests.doubles import FakeUpstream
+from tests.fake_upstream import FakeUpstream
 
 
 def sha(key: str) -> str:

@@ -297,6 +297,67 @@ def test_long_content_is_shortened_to_fit(tiny_model: Path) -> None:
     assert safe != unsafe
 
 
+def test_a_resumed_run_of_other_rows_is_refused(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The warm-up's checkpoints were computed from the rows: other rows under the same --out would train on from
+    them (and a finished warm-up be reused whole), so the run is refused instead."""
+    out = tmp_path / "run"
+    common = ("--sft-epochs", "1", "--eval-max", "0", "--stop-after", "1")
+    assert run_train(parse(arguments(tiny_model, tmp_path, out, *common))) == 0
+    other = tmp_path / "other.jsonl"
+    other.write_text((tmp_path / "rows.jsonl").read_text(encoding="utf-8").replace("?", "??"), encoding="utf-8")
+    changed = arguments(tiny_model, tmp_path, out, *common, "--resume")
+    changed[changed.index("--data") + 1] = str(other)
+    assert run_train(parse(changed)) == 2
+    assert "holds a run of other inputs (its sft phase" in capsys.readouterr().err
+    assert run_train(parse(arguments(tiny_model, tmp_path, out, *common, "--lr", "1e-3", "--resume"))) == 2
+    assert run_train(parse(arguments(tiny_model, tmp_path, out, *common, "--resume"))) == 0  # the same inputs
+    assert steps(out, "sft") == [1, 2]
+
+
+def test_an_evaluation_is_recomputed_when_what_it_scored_changed(tiny_model: Path, tmp_path: Path) -> None:
+    """`eval-LABEL.json` is read back only under the same key: a model retrained in place (the same folder) or
+    other rows are scored afresh; the same model and rows are not."""
+    import shutil
+
+    from rsafe_proxy.policy.loading import load_policy
+    from rsafe_proxy.train import scoring
+    from rsafe_proxy.train.fingerprint import folder_digest
+    from rsafe_proxy.train.modeling import Encoder, load_tokenizer
+
+    model = Path(shutil.copytree(tiny_model, tmp_path / "model"))
+    (tmp_path / "policy.yaml").write_text(POLICY, encoding="utf-8")
+    builders = {"rsafe-compact": PromptBuilder.for_policy("rsafe-compact", load_policy(tmp_path / "policy.yaml"))}
+    encoder = Encoder(load_tokenizer(model), builders, 512)
+    rows = [Row(row_id, prompt, response, label, "response" if response else "prompt") for row_id, prompt, response,
+            label in ROWS]  # fmt: skip
+    predictions = tmp_path / "predictions-before.jsonl"
+
+    def evaluate(sets: dict[str, list[Row]]) -> dict[str, dict[str, Any]]:
+        return scoring.evaluate(
+            "before", tmp_path, model, None, sets, encoder, model_digest=folder_digest(model), dtype=torch.float32,
+            device="cpu", batch_size=4, progress=False,
+        )  # fmt: skip
+
+    def scored() -> list[float]:
+        return [json.loads(line)["p_unsafe"] for line in predictions.read_text(encoding="utf-8").splitlines()]
+
+    first = evaluate({"rows": rows})
+    written = predictions.stat().st_mtime_ns
+    assert evaluate({"rows": rows}) == first and predictions.stat().st_mtime_ns == written  # read back
+
+    torch.manual_seed(7)  # other weights, the same folder and file names
+    config = transformers.AutoConfig.from_pretrained(model)
+    transformers.LlamaForCausalLM(config).save_pretrained(model)
+    before = scored()
+    evaluate({"rows": rows})
+    assert predictions.stat().st_mtime_ns != written and scored() != before
+
+    fewer = evaluate({"rows": rows[:4]})
+    assert fewer["rows"]["n"] == 4 and len(scored()) == 4
+
+
 @pytest.mark.slow
 def test_real_embedded_model_one_sft_and_one_grpo_step(tmp_path: Path) -> None:
     """Gemma 3 270M on TRL: one SFT step and one GRPO step (two rollouts), a two-category policy, a short max

@@ -19,7 +19,7 @@ from rsafe_proxy.policy.loading import load_policy, packaged_policy_path
 from rsafe_proxy.train import run_train
 from rsafe_proxy.train.data import PromptBuilder
 from tests.conftest import MakeProxy
-from tests.doubles import FakeUpstream
+from tests.fake_upstream import FakeUpstream
 from tests.serving import Proxy
 from tests.test_train_command import ROWS, build_tiny_model, parse, write_rows
 from tests.tiny_models import engine_outputs

@@ -3,7 +3,9 @@
 - `checkpoints/sft/checkpoint-N`, `checkpoints/grpo/checkpoint-N`: the trainers' own checkpoints (weights or
   LoRA weights, optimizer, scheduler, RNG states, trainer state); the newest `KEEP` of each phase are kept.
 - `stages/sft/`: the warm-up's result, written when it ends; GRPO starts from it.
-- `log.jsonl`: one line per optimizer step (and per evaluation); `run.json`: seconds spent over all invocations.
+- `log.jsonl`: one line per optimizer step (and per evaluation); `run.json`: seconds spent over all invocations;
+  `inputs.json`: a digest per phase of what it is computed from (command.keep_inputs), so that a resumed run
+  continues only a run of the same rows, model and options.
 """
 
 from __future__ import annotations

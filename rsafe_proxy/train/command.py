@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from rsafe_proxy.datasets import Row, read_rows
 from rsafe_proxy.evaluation import Metrics, format_table
 from rsafe_proxy.train.data import PromptBuilder, assign_templates, balance, sample, split_rows
+from rsafe_proxy.train.fingerprint import folder_digest, rows_digest, value_digest
 from rsafe_proxy.train.options import TrainOptions, add_train_arguments
 
 if TYPE_CHECKING:
@@ -39,6 +40,7 @@ class Prepared:
     held_out: list[Row]
     eval_sets: dict[str, list[Row]]
     model_path: Path
+    model_digest: str  # of the base model's files (fingerprint.folder_digest), read once: weights can be gigabytes
     tokenizer: Any
     encoder: Any
     state: Any  # accelerate's PartialState: which process this is, of how many, on which device
@@ -142,10 +144,64 @@ def prepare(options: TrainOptions) -> Prepared:
     model_path = modeling.resolve_model_path(options.model)
     tokenizer = modeling.load_tokenizer(model_path)
     encoder = modeling.Encoder(tokenizer, builders, options.max_length)
-    if state.is_main_process:
-        options.out.mkdir(parents=True, exist_ok=True)
+    digest = folder_digest(model_path)
+    run = Prepared(options, policy.id, train_rows, held_out, eval_sets, model_path, digest, tokenizer, encoder, state)
+    keep_inputs(run)
     state.wait_for_everyone()
-    return Prepared(options, policy.id, train_rows, held_out, eval_sets, model_path, tokenizer, encoder, state)
+    return run
+
+
+# What each phase's result is computed from, besides the base model, the training rows and their prompts. Run
+# controls (stop rules, threads, progress, evaluation, export) are not: a resumed run may change them. Nor is
+# --grpo-steps: asking for more steps continues GRPO where it stopped.
+_SFT_INPUTS = (
+    "finetune",
+    "lora_r",
+    "lora_targets",
+    "dtype",
+    "max_length",
+    "sft_epochs",
+    "batch_size",
+    "grad_accum",
+    "lr",
+    "seed",
+)
+_GRPO_INPUTS = ("rollouts", "grpo_prompts", "grpo_lr", "grpo_beta", "grpo_loss", "temperature", "max_new_tokens")
+
+
+def phase_keys(run: Prepared) -> dict[str, str]:
+    """A digest per phase of what its checkpoints and result were computed from (GRPO's includes the warm-up's)."""
+    options = run.options
+    sft = value_digest(
+        {
+            "model": run.model_digest,
+            "rows": rows_digest(run.train_rows),
+            "prompts": repr(sorted(run.encoder.builders.items())),
+            **{name: getattr(options, name) for name in _SFT_INPUTS},
+        }
+    )
+    grpo = value_digest({"sft": sft, **{name: getattr(options, name) for name in _GRPO_INPUTS}})
+    return {"sft": sft, "grpo": grpo}
+
+
+def keep_inputs(run: Prepared) -> None:
+    """Record the phases' keys in `OUT/inputs.json`. A resumed run is refused where a phase that has checkpoints or
+    a result was computed from other inputs, so that neither is ever reused for other rows, model or options."""
+    from rsafe_proxy.train.checkpoint import checkpoint_dir, stage_dir
+
+    path, keys = run.out / "inputs.json", phase_keys(run)
+    recorded = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    stored = [phase for phase in keys if checkpoint_dir(run.out, phase).is_dir() or stage_dir(run.out, phase).is_dir()]
+    changed = [phase for phase in stored if recorded.get(phase, keys[phase]) != keys[phase]]
+    if changed:
+        raise NothingToTrain(
+            f"{run.out} holds a run of other inputs (its {' and '.join(changed)} phase: the rows, the model or an "
+            "option changed): resume it with what it started with, or pick another --out"
+        )
+    run.state.wait_for_everyone()  # every process has read the record before it is replaced
+    if run.main:
+        run.out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(keys, indent=2), encoding="utf-8")
 
 
 def _evaluate(run: Prepared, label: str, model_path: Path, adapter: Path | None) -> dict[str, dict[str, Any]]:
@@ -162,6 +218,7 @@ def _evaluate(run: Prepared, label: str, model_path: Path, adapter: Path | None)
         run.encoder,
         dtype=modeling.torch_dtype(run.options.dtype),
         device=run.device,
+        model_digest=run.model_digest if model_path == run.model_path else folder_digest(model_path),
         batch_size=run.options.eval_batch_size,
         progress=run.options.progress,
     )
@@ -181,6 +238,7 @@ def warm_up(run: Prepared, stopper: StopCallback) -> bool:
     from rsafe_proxy.train.trainers import run_phase, sft_trainer, trainable_model
 
     options, stage = run.options, stage_dir(run.out, "sft")
+    # a finished warm-up is of these very inputs: keep_inputs refused a resumed run of any other
     if options.sft_epochs == 0 or (stage / "config.json").is_file() or (stage / "adapter_config.json").is_file():
         return True
     dataset = examples.sft_dataset(run.encoder, run.train_rows)

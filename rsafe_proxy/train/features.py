@@ -4,7 +4,8 @@ Each row is rendered exactly as the screener renders it for the engine (the same
 normalisation and output-side context), then run through the transformers engine's own runner (its batching
 and prefix reuse), so the features are those the engine computes when it serves. They are computed once:
 stored in shards under a cache folder, keyed by a hash of the rendered prompt and of what produced them
-(model, adapter, layers), so a changed row or model is computed afresh and an unchanged one never again.
+(the model's and the adapter's files, read, not named by their folders; the layers), so a changed row, or a
+model retrained in place, is computed afresh and an unchanged one never again.
 """
 
 from __future__ import annotations

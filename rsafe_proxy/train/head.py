@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from rsafe_proxy.datasets import Row, read_rows
 from rsafe_proxy.evaluation import compute_metrics, roc_auc
 from rsafe_proxy.guard.cache import TTLCache
-from rsafe_proxy.guard.embedded import adapter_folder, cache_root
+from rsafe_proxy.guard.embedded import adapter_folder, cache_root, model_path
 from rsafe_proxy.guard.engines.transformers import TransformersEngine
 from rsafe_proxy.guard.head import HeadInfo, save_head
 from rsafe_proxy.guard.protocol import Side
@@ -28,6 +28,7 @@ from rsafe_proxy.guard.screen import Screener, ScreenSettings
 from rsafe_proxy.policy.loading import load_policy, packaged_policy_path
 from rsafe_proxy.train.data import is_held_out
 from rsafe_proxy.train.features import FeatureCache, Rendered, compute, matrix, render_rows
+from rsafe_proxy.train.fingerprint import folder_digest
 
 if TYPE_CHECKING:
     import numpy as np
@@ -245,14 +246,7 @@ def run(options: HeadOptions) -> dict[str, Any]:
     runner = engine._load()  # the engine's own runner, on this thread
     screener = Screener(engine, ScreenSettings(mode="score", template=options.template), TTLCache(1, 1.0))
     policy = load_policy(packaged_policy_path())
-    adapter = adapter_folder(options.model, options.adapter)
-    producer = {
-        "model": options.model,  # "embedded", or the model's folder
-        "adapter": str(adapter),
-        "layers": list(options.layers),
-        "version": 1,
-    }
-    cache = FeatureCache(options.cache or cache_root() / "head-features", producer)
+    cache = FeatureCache(options.cache or cache_root() / "head-features", producer(options))
     every = {
         name: render_rows(screener, policy, rows, options.max_chars)
         for name, rows in (("train", split.train), ("validation", split.validation), ("unseen", split.unseen))
@@ -289,6 +283,18 @@ def run(options: HeadOptions) -> dict[str, Any]:
     (options.out / "head-report.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(_table(entries))
     return summary
+
+
+def producer(options: HeadOptions) -> dict[str, Any]:
+    """What the features depend on besides the rendered prompt: the model's and the adapter's files (by content,
+    so a model or adapter retrained in place is read afresh) and the layers read."""
+    adapter = adapter_folder(options.model, options.adapter)
+    return {
+        "model": folder_digest(model_path(options.model)),
+        "adapter": folder_digest(adapter) if adapter is not None else None,
+        "layers": list(options.layers),
+        "version": 2,
+    }
 
 
 def _augmented(screener: Screener, rows: list[Row], options: HeadOptions) -> list[Rendered]:

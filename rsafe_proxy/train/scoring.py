@@ -1,9 +1,9 @@
 """Evaluation of a training run: score mode (P(unsafe) at the forced `\\boxed{`) on held-out rows and extra sets,
 before training (the base model) and after (the written output, loaded as the engines load it).
 
-A result is cached in `OUT/eval-LABEL.json` under a key of what it was computed from (the model folder, the
-adapter's weights, the rows, templates, policy and max length), so a resumed run reuses it only when nothing
-it depends on changed.
+A result is cached in `OUT/eval-LABEL.json` under a key of what it was computed from (the model's files and the
+adapter's, by content; the rows, templates, policy, max length and dtype), so a resumed run reuses it only when
+nothing it depends on changed; a file that is merely there is never enough.
 """
 
 from __future__ import annotations
@@ -18,21 +18,26 @@ from typing import Any
 from rsafe_proxy.datasets import Row
 from rsafe_proxy.evaluation import compute_metrics, roc_auc
 from rsafe_proxy.train import modeling
+from rsafe_proxy.train.fingerprint import folder_digest, rows_digest
 
 
 def content_key(
-    model_path: Path, adapter: Path | None, sets: Mapping[str, Sequence[Row]], encoder: modeling.Encoder
+    model_digest: str,
+    adapter: Path | None,
+    sets: Mapping[str, Sequence[Row]],
+    encoder: modeling.Encoder,
+    dtype: str,
 ) -> str:
-    """A digest of everything an evaluation result depends on."""
+    """A digest of everything an evaluation result depends on: the model's files (`model_digest`, from
+    fingerprint.folder_digest), the adapter's, the prompts as the encoder builds them, the rows and the dtype."""
     digest = hashlib.sha256()
-    digest.update(str(model_path.resolve()).encode())
+    digest.update(model_digest.encode())
     if adapter is not None:
-        for name in ("adapter_config.json", "adapter_model.safetensors"):
-            digest.update(hashlib.sha256((adapter / name).read_bytes()).digest())
+        digest.update(folder_digest(adapter).encode())
     digest.update(repr(sorted(encoder.builders.items())).encode())
-    digest.update(str(encoder.max_length).encode())
+    digest.update(f"{encoder.max_length}\0{dtype}".encode())
     for name, rows in sets.items():
-        digest.update(json.dumps([name, [[r.id, r.label, r.template, r.prompt, r.response] for r in rows]]).encode())
+        digest.update(f"{name}\0{rows_digest(rows)}\0".encode())
     return digest.hexdigest()
 
 
@@ -90,15 +95,17 @@ def evaluate(
     sets: Mapping[str, Sequence[Row]],
     encoder: modeling.Encoder,
     *,
+    model_digest: str,
     dtype: Any,
     device: str,
     batch_size: int,
     progress: bool,
 ) -> dict[str, dict[str, Any]]:
-    """The results of `label` (before / after), computed or read back from a cache with the same key."""
+    """The results of `label` (before / after), computed or read back from a cache with the same key
+    (`model_digest` is that of `model_path`'s files, computed once by the caller: weights can be gigabytes)."""
     if not sets:
         return {}
-    key = content_key(model_path, adapter, sets, encoder)
+    key = content_key(model_digest, adapter, sets, encoder, str(dtype))
     cached = out / f"eval-{label}.json"
     if cached.is_file():
         stored = json.loads(cached.read_text(encoding="utf-8"))
