@@ -9,10 +9,13 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rsafe_proxy.config import Settings, load_settings
+from rsafe_proxy.extras import EMBEDDED, TRAIN, require_engine_extra
 from rsafe_proxy.guard.protocol import Label, Side
 from rsafe_proxy.logs import LOG_FORMATS
 from rsafe_proxy.logs import configure as configure_logs
@@ -20,6 +23,9 @@ from rsafe_proxy.policy.decide import decide
 from rsafe_proxy.policy.loading import load_policy, resolve_policy_path
 from rsafe_proxy.policy.schema import Policy
 from rsafe_proxy.yamlsource import FileInvalid
+
+if TYPE_CHECKING:
+    from rsafe_proxy.eval_options import EvalOptions
 
 # `rsafe-proxy check` exit status, so that a script can gate on the verdict
 CHECK_SAFE, CHECK_UNSAFE, CHECK_ERROR = 0, 1, 2
@@ -39,11 +45,23 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(args.config)
 
 
-def _policy(args: argparse.Namespace, settings: Settings) -> Policy:
-    if getattr(args, "policy", None):
-        return load_policy(args.policy)
+def _policy(path: str | Path | None, settings: Settings) -> Policy:
+    """The policy at `path`, else the first tenant's."""
+    if path:
+        return load_policy(path)
     tenant = settings.tenants[0]
     return load_policy(resolve_policy_path(tenant.policy, Path(settings.base_dir)))
+
+
+def _worker_count(text: str) -> int:
+    """`serve --workers`: a whole number, at least 1."""
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, not {text!r}") from None
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {count}")
+    return count
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -52,30 +70,54 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     configure_logs(args.log_format, args.log_level)
     settings = _settings(args)
+    require_engine_extra(settings.guard.engine_name())  # before the port and the workers: one line, no traceback
     host = args.host or settings.server.host
     port = args.port if args.port is not None else settings.server.port
+    workers = args.workers if args.workers is not None else settings.server.workers
     # the port first: a port in use is reported at once, before policies or the model are loaded
     listener = bind(host, port)
-    serve(settings, build_app(settings), listener=listener, host=host, port=port, log_level=args.log_level)
-    return 0
+    app = build_app(settings)  # loads the policies: a bad one stops start-up here, before any worker starts
+    if workers == 1:
+        serve(settings, app, listener=listener, host=host, port=port, log_level=args.log_level)
+        return 0
+    from rsafe_proxy.workers import serve_workers
+
+    options = {"host": host, "port": port, "log_level": args.log_level}
+    return serve_workers(settings, listener, workers, options, args.log_format, args.log_level)
 
 
-async def _check(args: argparse.Namespace) -> int:
+@dataclass(frozen=True)
+class CheckOptions:
+    """`rsafe-proxy check`'s command line, read once."""
+
+    text: str
+    side: Side = Side.INPUT
+    prompt: str | None = None
+    policy: str | None = None
+    json: bool = False
+    config: str | None = None
+
+    @classmethod
+    def from_namespace(cls, args: argparse.Namespace) -> CheckOptions:
+        """The options of a parsed `rsafe-proxy check` command line."""
+        return cls(args.text, Side(args.side), args.prompt, args.policy, args.json, args.config)
+
+
+async def _check(options: CheckOptions) -> int:
     from rsafe_proxy.guard.engine import GuardEngineError
     from rsafe_proxy.runtime import build_engine, build_screener
 
-    settings = _settings(args)
-    policy = _policy(args, settings)
-    side = Side(args.side)
+    settings = load_settings(options.config)
+    policy = _policy(options.policy, settings)
+    side = options.side
     engine = build_engine(settings.guard)
     try:
         # the model loads first, timed apart, so that the verdict's latency is the verdict's alone
         started = time.perf_counter()
-        if (start := getattr(engine, "start", None)) is not None:
-            await start()
+        await engine.start()
         load_s = time.perf_counter() - started
         screener = build_screener(settings.guard, engine)
-        prompt, response = (args.prompt or "", args.text) if side is Side.OUTPUT else (args.text, None)
+        prompt, response = (options.prompt or "", options.text) if side is Side.OUTPUT else (options.text, None)
         started = time.perf_counter()
         verdict = await screener.screen(policy, side, prompt, response)
         verdict_s = time.perf_counter() - started
@@ -85,7 +127,7 @@ async def _check(args: argparse.Namespace) -> int:
     finally:
         await engine.aclose()
     decision = decide(policy, side, verdict)
-    if args.json:
+    if options.json:
         print(
             json.dumps(
                 {
@@ -116,7 +158,7 @@ async def _check(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    return asyncio.run(_check(args))
+    return asyncio.run(_check(CheckOptions.from_namespace(args)))
 
 
 def cmd_policy_validate(args: argparse.Namespace) -> int:
@@ -144,21 +186,21 @@ def cmd_policy_schema(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _policy_test(args: argparse.Namespace) -> int:
+async def _policy_test(file: str, config: str | None) -> int:
     from rsafe_proxy.runtime import build_engine, build_screener
 
-    settings = _settings(args)
-    policy = load_policy(args.file)
+    settings = load_settings(config)
+    policy = load_policy(file)
     if not policy.examples:
-        print(f"{args.file}: no examples to run")
+        print(f"{file}: no examples to run")
         return 0
     engine = build_engine(settings.guard)
     failures = 0
-    if (start := getattr(engine, "start", None)) is not None:
+    if engine.info.loads_model:
         # loading takes seconds (minutes on the first run): say so rather than sit silent
         print(f"loading the guard model ({engine.name})...", file=sys.stderr, flush=True)
         started = time.perf_counter()
-        await start()
+        await engine.start()
         print(f"guard ready in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
     print(f"{'result':<6} {'side':<6} {'expected':<8} {'verdict':<8} {'action (categories)':<24} text")
     try:
@@ -189,7 +231,7 @@ def _shortened(text: str, width: int) -> str:
 
 
 def cmd_policy_test(args: argparse.Namespace) -> int:
-    return asyncio.run(_policy_test(args))
+    return asyncio.run(_policy_test(args.file, args.config))
 
 
 def cmd_decisions(args: argparse.Namespace) -> int:
@@ -198,35 +240,41 @@ def cmd_decisions(args: argparse.Namespace) -> int:
     return run_decisions(args)
 
 
-async def _eval(args: argparse.Namespace) -> int:
-    from rsafe_proxy.eval_command import check_outputs, read_datasets, run_eval, start_engine
+async def _eval(options: EvalOptions) -> int:
+    from rsafe_proxy.eval_command import read_datasets, run_eval, start_engine
     from rsafe_proxy.runtime import build_engine, build_screener, guard_description
 
-    # the data and the output folders first: a mistake there is an error before the model loads
-    datasets = read_datasets(args.data, args.limit)
-    check_outputs(args)
-    settings = _settings(args)
-    policy = _policy(args, settings)
+    # the data first (the options hold that the files and output folders exist): a bad row is an error before
+    # the model loads
+    datasets = read_datasets(options)
+    settings = load_settings(options.config)
+    policy = _policy(options.policy, settings)
     engine = build_engine(settings.guard)
     try:
-        await start_engine(engine, guard_description(settings.guard))  # loaded before any row's clock starts
-        return await run_eval(build_screener(settings.guard, engine), policy, datasets, args)
+        await start_engine(engine, guard_description(settings.guard, engine))  # loaded before any row's clock starts
+        return await run_eval(build_screener(settings.guard, engine), policy, datasets, options)
     finally:
         await engine.aclose()
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    return asyncio.run(_eval(args))
+    from rsafe_proxy.eval_options import EvalOptions
+
+    return asyncio.run(_eval(EvalOptions.from_namespace(args)))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from rsafe_proxy.train.command import run_train
+
+    TRAIN.require("rsafe-proxy train")
 
     return run_train(args)
 
 
 def cmd_train_head(args: argparse.Namespace) -> int:
     from rsafe_proxy.train.head import run_command
+
+    EMBEDDED.require("rsafe-proxy train-head")
 
     return run_command(args)
 
@@ -248,6 +296,12 @@ def parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", parents=[common], help="run the proxy")
     serve.add_argument("--host", help="address to listen on (default: server.host, 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default: server.port, 8080)")
+    serve.add_argument(
+        "--workers",
+        type=_worker_count,
+        metavar="N",
+        help="worker processes sharing the port (default: server.workers, 1; RSAFE_WORKERS in the default proxy.yaml)",
+    )
     serve.add_argument(
         "--log-level",
         default="info",
@@ -303,7 +357,7 @@ def parser() -> argparse.ArgumentParser:
     )
     add_decisions_arguments(decisions)
     decisions.set_defaults(run=cmd_decisions)
-    from rsafe_proxy.eval_command import add_eval_arguments
+    from rsafe_proxy.eval_options import add_eval_arguments
     from rsafe_proxy.train.command import add_train_arguments
 
     evaluate = commands.add_parser(

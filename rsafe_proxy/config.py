@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from rsafe_proxy.guard.engine import DEFAULT_SEGMENT_CHARS, SEGMENT_CHARS
+from rsafe_proxy.guard.engine import DEFAULT_SEGMENT_CHARS, SEGMENT_CHARS, EngineSettings
 from rsafe_proxy.guard.families import family, mode_problem
 from rsafe_proxy.yamlsource import FileInvalid, InvalidPart, Problem, YamlDocument, read_yaml, validate
 
@@ -42,6 +42,13 @@ class ServerSettings(_Frozen):
 
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8080
+    workers: Annotated[int, Field(ge=1, le=256)] = Field(
+        1,
+        description="Worker processes serving the one listening socket (`rsafe-proxy serve --workers` overrides "
+        "it). Each has its own verdict cache, guard engine (the embedded model: its memory once per worker), "
+        "connection pools and policy watcher; /metrics adds up every worker's figures. SIGTERM to the parent "
+        "drains and stops them all.",
+    )
     max_body_bytes: Annotated[int, Field(ge=1024)] = 8 * 1024 * 1024
     input_screening: Literal["parallel", "sequential"] = "parallel"
     # Availability: every wait on a client is bounded, so idle or trickling connections cannot pile up
@@ -128,7 +135,10 @@ class GuardSettings(_Frozen):
     repetition_penalty: Annotated[float, Field(gt=0)] = 1.05
     max_tokens: Annotated[int, Field(ge=1)] = 1024
     max_connections: Annotated[int, Field(ge=1)] = Field(
-        64, description="Connections the openai engine keeps open to the guard server (its pool size)."
+        64,
+        description="Connections the openai engine keeps open to the guard server (its pool size), per worker "
+        "process: guard calls beyond it wait for a free connection (within timeout_s). The guard server sees up to "
+        "server.workers x replicas x this many requests at once; size its batch (vLLM --max-num-seqs) to match.",
     )
     segment_chars: Annotated[int, Field(ge=256)] | None = Field(
         None,
@@ -199,6 +209,19 @@ class GuardSettings(_Frozen):
         if self.mode != "auto":
             return self.mode
         return "score" if self.embedded() else "generate"
+
+    def engine_settings(self) -> EngineSettings:
+        """What the selected engine is built from (`auto` resolved); each engine takes the parts it uses."""
+        return EngineSettings(
+            engine=self.engine_name(),
+            mode=self.effective_mode(),
+            url=self.url,
+            model=self.model,
+            api_key=self.api_key.get_secret_value() if self.api_key else None,
+            timeout_s=self.timeout_s,
+            max_connections=self.max_connections,
+            options=self.options,
+        )
 
 
 class TenantUpstream(_Frozen):

@@ -35,10 +35,12 @@ MEANINGS: Mapping[str, str] = {
     "Authorization header is passed on.",
     "upstream.timeout_s": "How long an upstream answer may take, between bytes of a stream included.",
     "upstream.connect_timeout_s": "How long connecting to the upstream may take.",
-    "upstream.max_connections": "Connections kept open to the upstream (the pool size).",
+    "upstream.max_connections": "Connections kept open to the upstream (the pool size), per worker process; "
+    "requests beyond it wait for a free connection.",
     "guard": "The guard model and how it is called.",
     "guard.engine": "`auto` (the openai engine when `url` is set, else the embedded transformers model), "
-    "`openai`, `transformers`, `vllm`, or `module:Class`.",
+    "`openai`, `transformers`, `vllm`, or `module:Class` (a class whose `from_settings(EngineSettings)` builds a "
+    "GuardEngine: rsafe_proxy.guard.engine).",
     "guard.url": "An OpenAI-compatible guard server (e.g. `vllm serve`), ending in `/v1`.",
     "guard.model": "The model name the guard server serves.",
     "guard.api_key": "The key sent to the guard server.",

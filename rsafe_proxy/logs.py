@@ -51,13 +51,29 @@ class _ProxyHandler(logging.StreamHandler):  # type: ignore[type-arg]  # the str
     """The handler `configure` installs (told apart so that a second call replaces it, and only it)."""
 
 
-def configure(log_format: LogFormat = "text", level: str = "info") -> None:
-    """Send every logger (uvicorn's included: serve it with `log_config=None`) to stderr in `log_format`."""
+class _WorkerTag(logging.Filter):
+    """Names the worker process on each record (`serve --workers N`): `worker` and `pid` fields in JSON."""
+
+    def __init__(self, worker: int) -> None:
+        super().__init__()
+        self.worker = worker
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker, record.pid = self.worker, record.process
+        return True
+
+
+def configure(log_format: LogFormat = "text", level: str = "info", worker: int | None = None) -> None:
+    """Send every logger (uvicorn's included: serve it with `log_config=None`) to stderr in `log_format`.
+    `worker`: the number of this worker process under `serve --workers N`, named with its pid on every line."""
     handler = _ProxyHandler(sys.stderr)
+    if worker is not None:
+        handler.addFilter(_WorkerTag(worker))
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        tag = "" if worker is None else " [worker %(worker)d pid %(process)d]"
+        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s %(name)s{tag}: %(message)s", "%H:%M:%S"))
     root = logging.getLogger()
     for old in [existing for existing in root.handlers if isinstance(existing, _ProxyHandler)]:
         root.removeHandler(old)

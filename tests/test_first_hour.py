@@ -27,7 +27,8 @@ from rsafe_proxy.configdoc import keys, render
 from rsafe_proxy.policy.jsonschema import DIALECT, SCHEMA_ID, SCHEMA_LINE, packaged_schema_path, schema_text
 from rsafe_proxy.policy.loading import load_policy
 from tests.conftest import MakeProxy
-from tests.doubles import UNSAFE, FakeUpstream, ScriptedGuard
+from tests.doubles import UNSAFE, ScriptedGuard
+from tests.fake_upstream import FakeUpstream
 from tests.serving import proxy_config, unused_url
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -169,7 +170,7 @@ def test_the_readme_command_list_is_the_parser() -> None:
 def test_the_readmes_test_command_says_what_to_install() -> None:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     test_section = readme.split("## Test", 1)[1].split("\n## ", 1)[0]
-    assert '-e ".[dev]"' in test_section and "python -m pytest" in test_section
+    assert '-e ".[dev,embedded]"' in test_section and "python -m pytest" in test_section
     assert "../shared/datasets" not in readme.split("## Set up", 1)[1].split("\n## ", 1)[0]
 
 

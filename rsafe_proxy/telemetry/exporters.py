@@ -4,6 +4,7 @@ OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES."""
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Mapping, Sequence
 
@@ -22,10 +23,18 @@ class JsonLinesExporter(SpanExporter):
         self._lock = threading.Lock()
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        lines = [span.to_json(indent=None) + "\n" for span in spans]
+        data = "".join(span.to_json(indent=None) + "\n" for span in spans).encode()
         try:
-            with self._lock, open(self._path, "a", encoding="utf-8") as file:
-                file.writelines(lines)
+            # one write on an O_APPEND descriptor: the batch lands whole even when several worker processes
+            # append to the same file (a buffered file would write it in pieces that could interleave)
+            with self._lock:
+                descriptor = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                try:
+                    written = os.write(descriptor, data)
+                    while written < len(data):  # a short write (a full disk, a signal) goes on where it stopped
+                        written += os.write(descriptor, data[written:])
+                finally:
+                    os.close(descriptor)
         except OSError:
             return SpanExportResult.FAILURE
         return SpanExportResult.SUCCESS

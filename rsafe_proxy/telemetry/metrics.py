@@ -4,9 +4,11 @@ bounded set: configured tenants, route templates, status codes, sides, verdicts,
 
 from __future__ import annotations
 
+import os
 import re
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 _LATENCY = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
 _OVERHEAD = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
@@ -51,11 +53,19 @@ class Metrics:
 
     def __init__(self) -> None:
         registry = self.registry = CollectorRegistry()
+        # `serve --workers N` (rsafe_proxy.workers) sets it for every worker: prometheus_client then keeps each
+        # figure in a file of that directory, and a scrape of any worker adds up all of them
+        self.multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
         self.requests = Counter(
             "rsafe_requests", "HTTP requests answered", ["tenant", "route", "status"], registry=registry
         )
-        self.requests_in_flight = Gauge("rsafe_requests_in_flight", "Requests being served", registry=registry)
-        self.streams_in_flight = Gauge("rsafe_streams_in_flight", "Event streams being sent", registry=registry)
+        # multiprocess_mode: how the workers' values add up (ignored by a single process)
+        self.requests_in_flight = Gauge(
+            "rsafe_requests_in_flight", "Requests being served", registry=registry, multiprocess_mode="livesum"
+        )
+        self.streams_in_flight = Gauge(
+            "rsafe_streams_in_flight", "Event streams being sent", registry=registry, multiprocess_mode="livesum"
+        )
         self.errors = Counter("rsafe_errors", "Errors, by kind (the error code)", ["kind"], registry=registry)
         self.decisions = Counter(
             "rsafe_decisions",
@@ -109,7 +119,10 @@ class Metrics:
             "rsafe_policy_reload_errors", "Policy edits rejected as invalid", registry=registry
         )
         self.guard_ready = Gauge(
-            "rsafe_guard_ready", "1 when the guard can serve verdicts (probed in the background)", registry=registry
+            "rsafe_guard_ready",
+            "1 when the guard can serve verdicts (probed in the background; with several workers, in every one)",
+            registry=registry,
+            multiprocess_mode="livemin",
         )
         self.audit = AuditCounters(registry)
 
@@ -119,5 +132,9 @@ class Metrics:
         self.policy_reload_errors.inc(count)
 
     def render(self) -> bytes:
-        """The text exposition format."""
-        return generate_latest(self.registry)
+        """The text exposition format: this process's figures, or every worker's in multiprocess mode."""
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, self.multiprocess_dir)  # type: ignore[no-untyped-call]  # untyped upstream
+        return generate_latest(registry)
