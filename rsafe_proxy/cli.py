@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rsafe_proxy.config import Settings, load_settings
-from rsafe_proxy.extras import EMBEDDED, TRAIN, require_engine_extra
+from rsafe_proxy.extras import EMBEDDED, require_engine_extra
 from rsafe_proxy.guard.protocol import Label, Side
 from rsafe_proxy.logs import LOG_FORMATS
 from rsafe_proxy.logs import configure as configure_logs
@@ -266,7 +266,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from rsafe_proxy.train.command import run_train
 
-    TRAIN.require("rsafe-proxy train")
+    EMBEDDED.require("rsafe-proxy train")  # TRL is imported later, once the options are checked
 
     return run_train(args)
 

@@ -150,7 +150,7 @@ async def main() -> None:
             },
         )
         started = time.perf_counter()
-        await engine.start()  # type: ignore[attr-defined]
+        await engine.start()
         report["engine_start_s"] = round(time.perf_counter() - started, 1)
         try:
             report.update(await measure(engine, sampling, options.singles, options.concurrency))
