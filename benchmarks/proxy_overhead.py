@@ -7,7 +7,9 @@ Proxy as its guardrail (LiteLLM's generic_guardrail_api: prompt before the upstr
 non-streamed chat completions at several concurrencies and reports latency and throughput, and the ratios
 to the direct upstream.
 
-    python benchmarks/proxy_overhead.py [--requests 200] [--litellm .venv-litellm/bin/litellm]
+    python benchmarks/proxy_overhead.py [--requests 200] [--concurrency 1 16 64] [--litellm .venv-litellm/bin/litellm]
+
+CPU ms / request is what the target's own processes spent (user + system, from /proc, before and after).
 """
 
 from __future__ import annotations
@@ -24,11 +26,13 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 UPSTREAM_DELAY_S = 0.05
 GUARD_DELAY_S = 0.02
 
@@ -66,11 +70,11 @@ def proxy_env(upstream_port: int, guard_port: int, work: str, upstream_key: str)
 @contextmanager
 def process(
     command: list[str], ready_url: str, env: dict[str, str] | None = None, cwd: str | None = None
-) -> Iterator[None]:
+) -> Iterator[subprocess.Popen[bytes]]:
     proc = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_ready(ready_url)
-        yield
+        yield proc
     finally:
         proc.terminate()
         proc.wait(10)
@@ -98,32 +102,56 @@ async def load(url: str, requests: int, concurrency: int, headers: dict[str, str
         return latencies, time.perf_counter() - started
 
 
-def row(name: str, latencies: list[float], wall: float, base: tuple[float, float] | None) -> str:
-    p50 = statistics.median(latencies) * 1000
-    p95 = sorted(latencies)[int(0.95 * (len(latencies) - 1))] * 1000
-    rps = len(latencies) / wall
-    ratio = f"{p50 / base[0]:.2f}x / {rps / base[1]:.2f}x" if base else "1.00x / 1.00x"
-    return f"| {name:<28} | {p50:8.1f} | {p95:8.1f} | {rps:7.1f} | {ratio:>15} |"
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds so far of these processes and their descendants (from /proc)."""
+    from workers import cpu_seconds as of_tree
+
+    return sum(of_tree(pid) for pid in pids)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--requests", type=int, default=200)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
-    parser.add_argument("--litellm", help="path to a `litellm` executable (a venv with litellm[proxy])")
-    args = parser.parse_args()
+@dataclass
+class Cell:
+    """One target at one concurrency: latencies, throughput, and the CPU its own processes spent per request."""
+
+    target: str
+    concurrency: int
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    rps: float
+    cpu_ms_per_request: float
+    latencies_ms: list[float] = field(repr=False)
+
+    def row(self, base: Cell | None) -> str:
+        ratio = f"{self.p50_ms / base.p50_ms:.2f}x / {self.rps / base.rps:.2f}x" if base else "1.00x / 1.00x"
+        figures = f"{self.p50_ms:.1f} | {self.p95_ms:.1f} | {self.p99_ms:.1f} | {self.rps:.1f}"
+        return f"| {self.target} | {figures} | {self.cpu_ms_per_request:.2f} | {ratio} |"
+
+
+HEADER = (
+    "| target | p50 ms | p95 ms | p99 ms | req/s | CPU ms / request | p50 / rps ratio |\n"
+    "| --- | ---: | ---: | ---: | ---: | ---: | --- |"
+)
+
+
+def measure_all(requests: int, concurrencies: list[int], litellm_exe: str | None) -> list[Cell]:
+    """Every target at every concurrency, in one run against the same doubles. CPU is what the target's own
+    processes spent: the fake upstream for the direct upstream, the proxy for RSafe Proxy, LiteLLM's proxy, and
+    LiteLLM's plus RSafe Proxy's for LiteLLM with RSafe as its guardrail."""
+    from workers import percentile
 
     work = tempfile.mkdtemp(prefix="rsafe-bench-")
     up, guard, proxy, lite, guarded = free_port(), free_port(), free_port(), free_port(), free_port()
     python = sys.executable
     env = proxy_env(up, guard, work, "sk-bench")
+    env["RSAFE_STATE_DIR"] = os.path.join(work, "state")
     exe = shutil.which("rsafe-proxy", path=os.path.dirname(python)) or "rsafe-proxy"
-    targets = [("direct upstream", f"http://127.0.0.1:{up}/v1/chat/completions")]
+    cells: list[Cell] = []
     with (
         process(
             [python, str(HERE / "doubles_server.py"), "upstream", str(up), str(UPSTREAM_DELAY_S)],
             f"http://127.0.0.1:{up}/v1/models",
-        ),
+        ) as upstream_process,
         process(
             [python, str(HERE / "doubles_server.py"), "guard", str(guard), str(GUARD_DELAY_S)],
             f"http://127.0.0.1:{guard}/v1/models",
@@ -133,36 +161,68 @@ def main() -> None:
             f"http://127.0.0.1:{proxy}/healthz",
             env,
             work,
-        ),
-        litellm(args.litellm, lite, up, work),
-        litellm(args.litellm, guarded, up, work, guardrail=f"http://127.0.0.1:{proxy}"),
+        ) as proxy_process,
+        litellm(litellm_exe, lite, up, work) as lite_pid,
+        litellm(litellm_exe, guarded, up, work, guardrail=f"http://127.0.0.1:{proxy}") as guarded_pid,
     ):
-        targets.append(("RSafe Proxy (in+out screens)", f"http://127.0.0.1:{proxy}/v1/chat/completions"))
-        if args.litellm:
-            targets.insert(1, ("LiteLLM proxy (no guard)", f"http://127.0.0.1:{lite}/v1/chat/completions"))
-            targets.append(("LiteLLM + RSafe guardrail", f"http://127.0.0.1:{guarded}/v1/chat/completions"))
-        print(
-            f"upstream first byte {UPSTREAM_DELAY_S * 1000:.0f} ms, guard {GUARD_DELAY_S * 1000:.0f} ms per verdict, "
-            f"{args.requests} requests per cell; ratios are latency p50 / throughput against the direct upstream"
-        )
-        for concurrency in args.concurrency:
-            print(f"\nconcurrency {concurrency}\n")
-            print("| target                       | p50 ms   | p95 ms   | req/s   | p50 / rps ratio |")
-            print("| ---------------------------- | -------- | -------- | ------- | --------------- |")
-            base = None
-            for name, url in targets:
-                headers = {"authorization": "Bearer sk-bench"}
-                latencies, wall = asyncio.run(load(url, args.requests, concurrency, headers))
-                print(row(name, latencies, wall, base))
-                base = base or (statistics.median(latencies) * 1000, len(latencies) / wall)
+        targets = [("direct upstream", up, [upstream_process.pid])]
+        if lite_pid is not None:
+            targets.append(("LiteLLM proxy (no guard)", lite, [lite_pid]))
+        targets.append(("RSafe Proxy (in+out screens)", proxy, [proxy_process.pid]))
+        if guarded_pid is not None:
+            targets.append(("LiteLLM + RSafe guardrail", guarded, [guarded_pid, proxy_process.pid]))
+        for concurrency in concurrencies:
+            for name, port, pids in targets:
+                url = f"http://127.0.0.1:{port}/v1/chat/completions"
+                before = cpu_seconds(pids)
+                latencies, wall = asyncio.run(load(url, requests, concurrency, {"authorization": "Bearer sk-bench"}))
+                spent = cpu_seconds(pids) - before
+                ms = [value * 1000 for value in latencies]
+                cells.append(
+                    Cell(
+                        name,
+                        concurrency,
+                        statistics.median(ms),
+                        percentile(ms, 0.95),
+                        percentile(ms, 0.99),
+                        len(ms) / wall,
+                        spent * 1000 / len(ms),
+                        ms,
+                    )
+                )
+    shutil.rmtree(work, ignore_errors=True)
+    return cells
+
+
+def print_cells(cells: list[Cell]) -> None:
+    for concurrency in sorted({cell.concurrency for cell in cells}):
+        print(f"\nconcurrency {concurrency}\n")
+        print(HEADER)
+        row = [cell for cell in cells if cell.concurrency == concurrency]
+        for cell in row:
+            print(cell.row(row[0] if cell is not row[0] else None))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--litellm", help="path to a `litellm` executable (a venv with litellm[proxy])")
+    args = parser.parse_args()
+    print(
+        f"upstream first byte {UPSTREAM_DELAY_S * 1000:.0f} ms, guard {GUARD_DELAY_S * 1000:.0f} ms per verdict, "
+        f"{args.requests} requests per cell; ratios are latency p50 / throughput against the direct upstream"
+    )
+    print_cells(measure_all(args.requests, args.concurrency, args.litellm))
 
 
 @contextmanager
 def litellm(
     executable: str | None, port: int, upstream: int, work: str, guardrail: str | None = None
-) -> Iterator[None]:
+) -> Iterator[int | None]:
+    """LiteLLM's proxy on `port` (its pid), or nothing when no executable is given."""
     if not executable:
-        yield
+        yield None
         return
     config = Path(work) / f"litellm-{port}.yaml"
     text = (
@@ -177,8 +237,8 @@ def litellm(
     config.write_text(text)
     env = dict(os.environ, LITELLM_LOCAL_MODEL_COST_MAP="True", LITELLM_MASTER_KEY="sk-bench")
     command = [os.path.abspath(executable), "--config", str(config), "--port", str(port), "--num_workers", "1"]
-    with process(command, f"http://127.0.0.1:{port}/health/liveliness", env, work):
-        yield
+    with process(command, f"http://127.0.0.1:{port}/health/liveliness", env, work) as proc:
+        yield proc.pid
 
 
 if __name__ == "__main__":

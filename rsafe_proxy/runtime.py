@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from rsafe_proxy import http_client
 from rsafe_proxy.audit import open_store
 from rsafe_proxy.audit.record import DecisionStore, PolicyVersion
 from rsafe_proxy.audit.spans import AuditSpans
@@ -131,12 +132,9 @@ class Runtime:
         recorder = Recorder(settings.telemetry, settings.base_dir)
         engine = build_engine(settings.guard)
         upstream_settings = settings.upstream
-        client = httpx.AsyncClient(
-            timeout=httpx.Timeout(upstream_settings.timeout_s, connect=upstream_settings.connect_timeout_s),
-            limits=httpx.Limits(
-                max_connections=upstream_settings.max_connections,
-                max_keepalive_connections=upstream_settings.max_connections,
-            ),
+        client = http_client.client(
+            upstream_settings.max_connections,
+            httpx.Timeout(upstream_settings.timeout_s, connect=upstream_settings.connect_timeout_s),
         )
         key = upstream_settings.api_key.get_secret_value() if upstream_settings.api_key else None
         pipeline = Pipeline(

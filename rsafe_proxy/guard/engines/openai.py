@@ -8,6 +8,7 @@ from typing import Any, Self
 
 import httpx
 
+from rsafe_proxy import http_client
 from rsafe_proxy.guard.engine import (
     EngineInfo,
     EngineSettings,
@@ -57,11 +58,8 @@ class OpenAIEngine:
             base_url=url.rstrip("/"),
             headers=headers,
             timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 5.0)),
-            limits=httpx.Limits(
-                max_connections=max_connections,
-                max_keepalive_connections=max_connections,
-            ),
-            transport=transport,
+            # the pool on asyncio streams (rsafe_proxy.http_client: a fraction of the CPU of anyio's)
+            transport=transport if transport is not None else http_client.transport(max_connections),
         )
 
     @classmethod
