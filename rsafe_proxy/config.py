@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from rsafe_proxy.guard.engine import DEFAULT_SEGMENT_CHARS, SEGMENT_CHARS, EngineSettings
+from rsafe_proxy.guard.engine import DEFAULT_SEGMENT_CHARS, SEGMENT_CHARS, EngineSettings, is_embedded_guard
 from rsafe_proxy.guard.families import family, mode_problem
 from rsafe_proxy.yamlsource import FileInvalid, InvalidPart, Problem, YamlDocument, read_yaml, validate
 
@@ -195,7 +195,7 @@ class GuardSettings(_Frozen):
 
     def embedded(self) -> bool:
         """True when the guard is the embedded model in process."""
-        return self.engine_name() == "transformers" and self.options.get("model", "embedded") == "embedded"
+        return is_embedded_guard(self.engine_name(), self.options)
 
     def effective_template(self) -> str | None:
         """The template family forced on every policy: the configured one; for the embedded model, the compact

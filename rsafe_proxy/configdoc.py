@@ -79,7 +79,8 @@ MEANINGS: Mapping[str, str] = {
     "telemetry.service_name": "The OpenTelemetry service name.",
     "console": "The web console at /console (decisions, tenants, policy versions, a playground); off by default. "
     "Read at start: a change needs a restart.",
-    "policy_reload_s": "How often policy files and proxy.yaml's tenants are checked for edits; 0: never.",
+    "policy_reload_s": "How often policy files and proxy.yaml's tenants are checked for edits; an edit is read "
+    "once it is unchanged for one check (within two periods); 0: never.",
     "base_dir": "Relative paths (policies, spans file) are read from here; default: the folder of proxy.yaml.",
 }
 

@@ -10,7 +10,7 @@ is asked, never how much of the answer the guard sees.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # A sentence ends at a full stop, question or exclamation mark or ellipsis before a space, a closing quote or
 # bracket, or the end of the text; at an ideographic full stop, question or exclamation mark; or at a line break.
@@ -40,3 +40,26 @@ class WindowPlan:
         if size >= min(2 * target, self.max_chars):
             return True
         return size >= target and _SENTENCE_END.search(added) is not None
+
+
+@dataclass
+class ChoiceText:
+    """One choice's streamed answer as windows: the text of the windows closed so far, and the open one's."""
+
+    closed: str = ""
+    pending: list[str] = field(default_factory=list)
+    size: int = 0  # characters pending
+
+    def add(self, text: str) -> None:
+        """Add `text` to the open window."""
+        self.pending.append(text)
+        self.size += len(text)
+
+    def close(self) -> str | None:
+        """Close the open window: the whole answer so far (what the guard judges), or None when the window added
+        no text to this choice."""
+        new = "".join(self.pending)
+        self.pending.clear()
+        self.size = 0
+        self.closed += new
+        return self.closed if new.strip() else None

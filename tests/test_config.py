@@ -138,6 +138,8 @@ def test_the_packaged_config_uses_a_guard_server_when_one_is_named() -> None:
         ({"url": "http://g/v1"}, "openai", "generate"),
         ({"engine": "vllm", "url": "http://g/v1"}, "vllm", "generate"),
         ({"options": {"model": "/models/rsafe-7b"}}, "transformers", "generate"),
+        ({"options": {"model": "embedded"}}, "transformers", "score"),
+        ({"engine": "vllm"}, "vllm", "generate"),  # vLLM on the packaged model is no embedded guard: it generates
         ({"mode": "generate"}, "transformers", "generate"),
         ({"url": "http://g/v1", "mode": "score"}, "openai", "score"),
     ],

@@ -26,7 +26,7 @@ from rsafe_proxy.policy.decide import Decision, Outcome
 from rsafe_proxy.policy.loading import load_policy
 from rsafe_proxy.policy.schema import StreamMode, StreamSettings
 from rsafe_proxy.streaming import WindowedScreen, sse_events
-from rsafe_proxy.windowplan import WindowPlan
+from rsafe_proxy.windowplan import ChoiceText, WindowPlan
 from rsafe_proxy.yamlsource import FileInvalid
 from tests.conftest import MakeProxy
 from tests.doubles import UNSAFE, ScriptedGuard
@@ -78,6 +78,19 @@ def test_a_plan_needs_a_first_window_within_the_largest() -> None:
         WindowPlan(700, 600)
     with pytest.raises(ValueError, match="first_chars"):
         WindowPlan(0, 600)
+
+
+def test_a_choice_is_judged_whole_at_each_window_that_added_to_it() -> None:
+    choice = ChoiceText()
+    choice.add("Hello ")
+    choice.add("there. ")
+    assert choice.size == 13
+    assert choice.close() == "Hello there. "  # the first window: what it holds
+    assert choice.size == 0 and choice.close() is None  # a window that added nothing is not judged again
+    choice.add("  ")
+    assert choice.close() is None  # nor one that added only blanks
+    choice.add("Bye.")
+    assert choice.close() == "Hello there.   Bye."  # each later window: the whole answer so far
 
 
 def test_stream_settings_keep_older_policies_meaningful(tmp_path: Path) -> None:

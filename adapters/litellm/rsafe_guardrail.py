@@ -47,12 +47,13 @@ from rsafe_proxy.apis import CHAT
 from rsafe_proxy.apis.chat import rewritten_message
 from rsafe_proxy.apis.guardrail import PATH
 from rsafe_proxy.apis.messages import turn_text
-from rsafe_proxy.errors import ContentBlocked, GuardUnavailable, ProxyError
-from rsafe_proxy.windowplan import WindowPlan
+from rsafe_proxy.errors import ContentBlocked, ContentTooLong, GuardUnavailable, ProxyError
+from rsafe_proxy.policy.schema import StreamSettings
+from rsafe_proxy.windowplan import ChoiceText, WindowPlan
 
 # The proxy's own defaults for a policy's stream windows (policy `stream.first_window_chars`, `window_chars`).
-FIRST_WINDOW_CHARS = 64
-WINDOW_CHARS = 600
+FIRST_WINDOW_CHARS = StreamSettings().first_window_chars
+WINDOW_CHARS = StreamSettings().window_chars
 
 
 class RSafeError(ProxyException):  # type: ignore[misc,unused-ignore]  # LiteLLM is untyped where it is absent
@@ -91,22 +92,10 @@ def _blocked(verdict: dict[str, Any]) -> ProxyError | None:
     message = str(verdict.get("blocked_reason") or "".join(verdict.get("texts") or []))
     if verdict.get("code") == GuardUnavailable.code:
         return GuardUnavailable(message)
+    if verdict.get("code") == ContentTooLong.code:  # more guard calls than one request may make: 413, as the proxy
+        return ContentTooLong(message)
     categories = verdict.get("categories")
     return ContentBlocked(message, [str(item) for item in categories] if isinstance(categories, list) else [])
-
-
-@dataclass
-class _Choice:
-    """One streamed choice: its text up to the open window, and the text the open window added."""
-
-    closed: str = ""
-    pending: str = ""
-
-    def close(self) -> str | None:
-        """Close the open window: the whole answer so far (what is judged), or None when it added no text."""
-        new, self.pending = self.pending, ""
-        self.closed += new
-        return self.closed if new.strip() else None
 
 
 @dataclass
@@ -116,7 +105,7 @@ class _Stream:
     plan: WindowPlan
     reader: Any = field(default_factory=CHAT.reader)  # the chat dialect's reader of chunks
     held: list[Any] = field(default_factory=list)
-    choices: dict[int, _Choice] = field(default_factory=dict)
+    choices: dict[int, ChoiceText] = field(default_factory=dict)  # the proxy's own per-choice window text
     template: dict[str, Any] = field(default_factory=dict)
     closed: int = 0  # windows closed: the next one's number in the plan
 
@@ -127,8 +116,8 @@ class _Stream:
         self.template = self.template or data
         texts = self.reader.take(data).texts
         for index, text in texts:
-            self.choices.setdefault(index, _Choice()).pending += text
-        return any(self.plan.closes(self.closed, len(self.choices[index].pending), text) for index, text in texts)
+            self.choices.setdefault(index, ChoiceText()).add(text)
+        return any(self.plan.closes(self.closed, self.choices[index].size, text) for index, text in texts)
 
     def close(self) -> tuple[list[Any], dict[int, str]]:
         """Close the open window: its chunks, and each choice it added text to with its whole answer so far."""

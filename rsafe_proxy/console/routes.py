@@ -34,6 +34,7 @@ from rsafe_proxy.console.pages import Pages
 from rsafe_proxy.console.playground import Trial, try_text
 from rsafe_proxy.console.session import COOKIE, Session, SessionSigner
 from rsafe_proxy.guard.protocol import Side
+from rsafe_proxy.policy.tenancy import Tenancy
 from rsafe_proxy.runtime import Runtime
 
 log = logging.getLogger("rsafe_proxy")
@@ -61,11 +62,14 @@ class _StoreUnreadable(Exception):
 
 @dataclass(frozen=True)
 class _Visit:
-    """A signed-in request: its session, who it is, and the proxy it looks at."""
+    """A signed-in request: its session, who it is, the proxy it looks at, and the tenancy (tenants and policies)
+    it shows, read once when the request began: a reload swaps the runtime's, and a page that awaits the audit
+    log or a guard call meanwhile still shows one snapshot throughout."""
 
     session: Session
     viewer: Viewer
     runtime: Runtime
+    tenancy: Tenancy
 
     @property
     def store(self) -> DecisionStore | None:
@@ -73,8 +77,8 @@ class _Visit:
         return self.runtime.audit
 
     def tenants(self) -> list[str]:
-        """The tenants this viewer sees, as the proxy serves them now (a proxy.yaml reload may change them)."""
-        return self.viewer.visible(self.runtime.tenancy.policies.entries)
+        """The tenants this viewer sees in the visit's tenancy."""
+        return self.viewer.visible(self.tenancy.policies.entries)
 
 
 def _cross_site(request: Request) -> bool:
@@ -191,7 +195,8 @@ class Console:
                     fresh = self.signer.anonymous(time.time())
                     return self._error(request, fresh, 403, "Signed out", "Sign in again, then send the form again.")
                 return self._redirect(request, f"{PREFIX}/login")
-            visit = _Visit(session, viewer, request.app.state.runtime)
+            runtime: Runtime = request.app.state.runtime
+            visit = _Visit(session, viewer, runtime, runtime.tenancy)  # the one read of the tenancy
             try:
                 return await page(request, visit)
             except _StoreUnreadable as error:  # what it said may name hosts: the log has it, the page does not
@@ -331,7 +336,7 @@ class Console:
         )
 
     async def _tenants(self, request: Request, visit: _Visit) -> Response:
-        tenancy = visit.runtime.tenancy  # read once: a reload swaps it
+        tenancy = visit.tenancy
         policies = tenancy.policies
         errors = policies.errors()
         rows = []
@@ -376,7 +381,7 @@ class Console:
         old, old_count = by_version.get(wanted_old, (None, 0))
         new, new_count = by_version.get(wanted_new, (None, 0))
         rows = side_by_side(old.source, new.source) if old is not None and new is not None else []
-        entry = visit.runtime.tenancy.policies.entries.get(chosen)
+        entry = visit.tenancy.policies.entries.get(chosen)
         active = entry.policy.version if entry is not None else None
         return self._html(
             request,
@@ -431,7 +436,7 @@ class Console:
         tenant, side = form["tenant"], form["side"]
         if not visit.viewer.sees(tenant):
             return self._refused(request, visit, tenant)
-        policies = visit.runtime.tenancy.policies  # read once: a reload swaps it
+        policies = visit.tenancy.policies
         if tenant not in policies.entries:
             return self._playground_page(request, visit, form, 400, problem=f"There is no tenant {tenant!r}.")
         if side not in ("input", "output"):

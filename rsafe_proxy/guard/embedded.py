@@ -21,6 +21,8 @@ from importlib import metadata, resources
 from pathlib import Path
 from typing import TypeVar
 
+from rsafe_proxy.guard.engine import EMBEDDED_MODEL
+
 log = logging.getLogger("rsafe_proxy")
 T = TypeVar("T")
 
@@ -98,13 +100,13 @@ def embedded_adapter_dir() -> Path | None:
 
 def model_path(model: str) -> Path:
     """The folder of `model` ("embedded": the packaged model, converted on first use)."""
-    return embedded_model_dir() if model == "embedded" else Path(model).expanduser()
+    return embedded_model_dir() if model == EMBEDDED_MODEL else Path(model).expanduser()
 
 
 def adapter_folder(model: str, adapter: str | None) -> Path | None:
     """The LoRA adapter merged into `model`: "auto" is the packaged one for the embedded model (none otherwise)."""
     if adapter == "auto":
-        return embedded_adapter_dir() if model == "embedded" else None
+        return embedded_adapter_dir() if model == EMBEDDED_MODEL else None
     return None if adapter is None else Path(adapter).expanduser()
 
 

@@ -25,6 +25,16 @@ ENGINES: Mapping[str, str] = {
 # costs it about a second, and others queue behind it); a server-hosted guard has the room and the speed.
 SEGMENT_CHARS: Mapping[str, int] = {"openai": 12_000, "transformers": 4_000, "vllm": 12_000}
 DEFAULT_SEGMENT_CHARS = 8_000
+# The packaged model's name (guard.options.model; the in-process engines' default model), and the engine that runs
+# it as the default guard: on CPU, in score mode, with the compact template (see is_embedded_guard).
+EMBEDDED_MODEL = "embedded"
+EMBEDDED_ENGINE = "transformers"
+
+
+def is_embedded_guard(engine: str, options: Mapping[str, Any]) -> bool:
+    """Whether guard engine `engine` with its `options` (guard.options) is the embedded default guard: the
+    transformers engine on the packaged model, which it runs unless `options` name another."""
+    return engine == EMBEDDED_ENGINE and options.get("model", EMBEDDED_MODEL) == EMBEDDED_MODEL
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from typing import Any, Self
 
 from rsafe_proxy.guard.embedded import adapter_folder, cache_root, model_path
 from rsafe_proxy.guard.engine import (
+    EMBEDDED_MODEL,
     EngineInfo,
     EngineSettings,
     GuardContextExceeded,
@@ -58,7 +59,7 @@ class VLLMEngine:
     def __init__(
         self,
         *,
-        model: str = "embedded",
+        model: str = EMBEDDED_MODEL,
         adapter: str | None = "auto",
         mode: str = "generate",
         max_model_len: int = 8192,
