@@ -4,6 +4,7 @@ upstream and the client read), and their encoding."""
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from rsafe_proxy.errors import InvalidRequest
@@ -24,6 +25,14 @@ def _no_constant(name: str) -> Any:
     raise InvalidRequest(f"The request body holds {name}, which is not JSON.")
 
 
+def _finite(number: str) -> float:
+    """A number as a float, refused where it overflows: 1e999 would be re-encoded as Infinity, which is not JSON."""
+    value = float(number)
+    if math.isinf(value):
+        raise InvalidRequest(f"The request body holds the number {number[:32]}, too large for a float.")
+    return value
+
+
 def parse_json(raw: bytes) -> dict[str, Any]:
     """The body as a JSON object, or InvalidRequest saying where it breaks.
 
@@ -36,7 +45,7 @@ def parse_json(raw: bytes) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise InvalidRequest("The request body is not UTF-8 encoded JSON.") from None
     try:
-        data = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+        data = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant, parse_float=_finite)
     except json.JSONDecodeError as error:
         raise InvalidRequest(
             f"The request body is not valid JSON: {error.msg} (line {error.lineno}, column {error.colno})."

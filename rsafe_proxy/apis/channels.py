@@ -8,15 +8,19 @@ provider adds tomorrow is judged by default instead of passing unseen.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from rsafe_proxy.apis import metadata, payloads
+
 # Keys whose values are never generated text: names of objects, positions, states, token statistics, opaque
 # tokens the provider reads back (encrypted reasoning, signatures), padding (`obfuscation`), provider filter
 # results. Log probabilities repeat the tokens of the text they belong to: that text is judged, and a replaced
-# answer drops them (choices.replace_choice, responses_output.stopped).
+# answer drops them (choices.replace_choice, responses_output.stopped). Each is skipped only while its value has
+# the shape such a key holds (apis.metadata): text a misbehaving upstream puts there is judged.
 METADATA = frozenset(
     {
         "id",
@@ -75,6 +79,11 @@ _BASE64 = re.compile(r"[A-Za-z0-9+/=_-]{256,}")
 _DATA_URL = re.compile(r"data:[\w.+/-]*(;[\w.+=-]+)*;base64,", re.ASCII)
 
 
+def is_metadata(key: str, value: Any) -> bool:
+    """Whether `value` under `key` is metadata: a METADATA key holding what such a key holds (apis.metadata)."""
+    return key in METADATA and metadata.known_shape(key, value)
+
+
 def looks_binary(text: str) -> bool:
     """A base64 payload or a data: URL: no guard reads it, so a verdict on it would mean nothing."""
     return bool(_BASE64.fullmatch(text) or _DATA_URL.match(text))
@@ -98,10 +107,13 @@ _DROPPED = object()
 class _Walk:
     call: Callable[[dict[str, Any]], str] | None
     streamed: bool
+    request: bool = False
     texts: list[str] = field(default_factory=list)
     unjudged: list[str] = field(default_factory=list)
 
     def part(self, key: str, text: str, parent: dict[str, Any]) -> _Part:
+        if self.request:
+            return self.request_part(key, text)
         transcript = parent.get("transcript")
         if key == "data" and not self.streamed and isinstance(transcript, str) and transcript.strip():
             # a whole audio answer: the guard judges its transcript. Streamed audio runs ahead of its transcript.
@@ -110,8 +122,25 @@ class _Walk:
             return "binary"
         return "text"
 
+    def request_part(self, key: str, text: str) -> _Part:
+        # a request's text is judged wherever it sits, whatever it looks like; only a payload slot may hold
+        # binary data, and what it carries as text is judged in its place (see payloads)
+        if key not in payloads.PAYLOAD_KEYS:
+            return "text"
+        carried = payloads.payload_text(text)
+        if carried is None:
+            return "binary"
+        if carried is text:
+            return "text"
+        if carried.strip():
+            self.texts.append(carried)
+        return "covered"
+
     def value(self, value: Any, path: str, key: str, parent: dict[str, Any], depth: int = 0) -> Any:
         if isinstance(value, (list, dict)) and depth > _MAX_DEPTH:
+            if self.request:  # a request goes upstream as it is: what lies below is judged as its JSON
+                self.texts.append(json.dumps(value, ensure_ascii=False))
+                return value
             self.unjudged.append(path)
             return _DROPPED
         if isinstance(value, str):
@@ -136,12 +165,14 @@ class _Walk:
         if key in _MAPPINGS:
             self.texts += [name for name in value if name]
             skipped = frozenset()
+        rendered: frozenset[str] = frozenset()
         if self.call and isinstance(value.get("name"), str) and isinstance(value.get("arguments"), str):
             self.texts.append(self.call(value))  # a function call reads as name(arguments)
-            skipped = skipped | {"name", "arguments"}
+            rendered = frozenset({"name", "arguments"})
         changed: dict[str, Any] = {}
         for name, element in value.items():
-            if name not in skipped:
+            # metadata is skipped only in its own shape: text a misbehaving upstream puts there is judged
+            if name not in rendered and (name not in skipped or not metadata.known_shape(name, element)):
                 new = self.value(element, f"{path}.{name}" if path else name, name, value, depth + 1)
                 if new is not element:
                     changed[name] = new
@@ -151,11 +182,15 @@ class _Walk:
         return {name: element for name, element in kept.items() if element is not _DROPPED}
 
 
-def read(value: Any, call: Callable[[dict[str, Any]], str] | None = None, streamed: bool = False) -> Reading:
+def read(
+    value: Any, call: Callable[[dict[str, Any]], str] | None = None, streamed: bool = False, request: bool = False
+) -> Reading:
     """Every string of `value` that a client would see, except metadata; binary payloads are set apart.
 
     `call` renders a function call (an object with `name` and `arguments`) as one text; `streamed` says the
-    value is a piece of a stream, where audio data cannot be matched to the transcript judged so far."""
-    walk = _Walk(call, streamed)
+    value is a piece of a stream, where audio data cannot be matched to the transcript judged so far; `request`
+    says the value is part of a request, whose strings are text unless they sit in a payload slot and are
+    binary data there (see payloads.payload_text): text that looks like base64 is judged."""
+    walk = _Walk(call, streamed, request)
     new = walk.value(value, "", "", {})
     return Reading(tuple(walk.texts), tuple(walk.unjudged), value if new is _DROPPED else new)

@@ -9,21 +9,28 @@ from typing import Any
 from rsafe_proxy.apis import channels
 from rsafe_proxy.guard.conversation import FIELDS, TOOLS, Turn
 
-# What a model reads of a tool or an answer schema: names and descriptions, and the schemas (their property
-# descriptions are instructions too). Never an MCP tool's headers, authorization or URL: credentials stay out
-# of the guard's prompt and its reasoning.
+# What a model reads of a tool or an answer schema is all of it (a chat template renders the whole tool:
+# `tool | tojson`): its names and descriptions first, its schemas as JSON (their property descriptions are
+# instructions too), then every other field as channels.read finds it. Never an MCP tool's headers,
+# authorization or URL: credentials stay out of the guard's prompt and its reasoning.
 _TOOL_TEXTS = ("name", "description", "server_label", "server_description", "definition")
 _TOOL_SCHEMAS = ("parameters", "schema", "input_schema")
 _TOOL_NESTED = ("function", "json_schema", "format", "tools")
+_TOOL_CREDENTIALS = ("headers", "authorization", "server_url")
+_TOOL_READ = frozenset((*_TOOL_TEXTS, *_TOOL_NESTED, *_TOOL_CREDENTIALS))
 
 
 def _tool_texts(value: Any) -> list[str]:
     if isinstance(value, list):
         return [text for element in value for text in _tool_texts(element)]
     if not isinstance(value, dict):
-        return []
+        return list(channels.read(value, request=True).texts) if isinstance(value, str) else []
     found = [str(value[key]) for key in _TOOL_TEXTS if isinstance(value.get(key), str) and value[key]]
-    found += [json.dumps(value[key], ensure_ascii=False) for key in _TOOL_SCHEMAS if isinstance(value.get(key), dict)]
+    schemas = {key for key in _TOOL_SCHEMAS if isinstance(value.get(key), dict)}
+    found += [json.dumps(value[key], ensure_ascii=False) for key in _TOOL_SCHEMAS if key in schemas]
+    skipped = _TOOL_READ | schemas | _REQUEST_METADATA  # a Responses `text` holds `verbosity` beside `format`
+    rest = {key: element for key, element in value.items() if key not in skipped}
+    found += channels.read(rest, request=True).texts
     return found + [text for key in _TOOL_NESTED for text in _tool_texts(value.get(key))]
 
 
@@ -68,7 +75,7 @@ _REQUEST_METADATA = frozenset(
 def _field_texts(turn_keys: frozenset[str], body: dict[str, Any]) -> dict[str, tuple[str, ...]]:
     """The strings of each request field, beside its turns (`turn_keys`) and tools, that the model may read."""
     skipped = turn_keys | _REQUEST_METADATA | channels.METADATA | frozenset(_OFFERED)
-    read = {key: channels.read(value).texts for key, value in body.items() if key not in skipped}
+    read = {key: channels.read(value, request=True).texts for key, value in body.items() if key not in skipped}
     return {key: texts for key, texts in read.items() if texts}
 
 

@@ -11,7 +11,7 @@ from typing import Any, Literal
 import pydantic
 from pydantic import Field
 
-from rsafe_proxy.apis.choices import choice_text, delta_text
+from rsafe_proxy.apis.choices import choice_index, choice_text, delta_text
 from rsafe_proxy.apis.messages import ContentPart, Open, call_text, invalid, turn_text
 from rsafe_proxy.errors import ContentBlocked, GuardUnavailable
 from rsafe_proxy.guard.conversation import Turn
@@ -34,8 +34,9 @@ class GuardrailRequest(Open):
     texts: list[str] = Field(default_factory=list)
     structured_messages: list[StructuredMessage] | None = None
     tool_calls: list[dict[str, Any]] | None = None
-    # RSafe's own LiteLLM guardrail (adapters/litellm) also sends the answer's choices as LiteLLM returned them
-    # (a message each, or a window of stream deltas), so every channel is read here, by the proxy's dialect
+    # the answer's choices as LiteLLM returned them (a message each, or a window of stream deltas), which older
+    # RSafe adapters sent beside the texts (adapters/litellm now judges in process): every channel is read by
+    # the proxy's dialect, and never in place of the texts
     choices: list[dict[str, Any]] | None = None
 
 
@@ -59,7 +60,10 @@ def input_turns(request: GuardrailRequest) -> list[Turn]:
     ]
     held = "\n".join(turn.text for turn in turns)
     loose = [text for text in request.texts if text and text not in held]
-    return turns + [Turn("user", text, len(messages) + n) for n, text in enumerate(loose)]
+    turns += [Turn("user", text, len(messages) + n) for n, text in enumerate(loose)]
+    # the tool calls LiteLLM found in the request: the model reads them as the assistant's turn
+    calls = turn_text({"tool_calls": request.tool_calls}) if request.tool_calls else ""
+    return [*turns, Turn("assistant", calls, len(messages) + len(loose))] if calls else turns
 
 
 def judged_texts(request: GuardrailRequest, judged: Sequence[Turn]) -> list[str]:
@@ -69,26 +73,32 @@ def judged_texts(request: GuardrailRequest, judged: Sequence[Turn]) -> list[str]
 
 
 def output_text(request: GuardrailRequest) -> str:
-    """What the output screen judges: the answer's texts and its tool calls as `name(arguments)`; with
-    `choices`, every channel of them (reasoning, refusal, audio transcripts, ...) instead of the texts."""
+    """What the output screen judges: the answer's texts and its tool calls as `name(arguments)`, and with
+    `choices` (which older RSafe adapters sent beside the texts), every channel of them too (reasoning, refusal,
+    audio transcripts, ...): a text the choices do not hold is judged beside them."""
+    parts: list[str] = []
     if request.choices is not None:
-        streamed: dict[Any, str] = {}  # a window's deltas, joined per choice as the client joins them
+        streamed: dict[int, str] = {}  # a window's deltas, joined per choice as the client joins them
         for choice in request.choices:
             if "delta" in choice:
-                index = choice.get("index", 0)
+                index = choice_index(choice)  # a malformed index is read as the client reads it, never a 500
                 streamed[index] = streamed.get(index, "") + delta_text(choice)
-        answers = [choice_text(choice) for choice in request.choices if "delta" not in choice]
-        return "\n".join([*answers, *streamed.values()])
+        parts += [choice_text(choice) for choice in request.choices if "delta" not in choice]
+        parts += streamed.values()
+    held = "\n".join(parts)
     calls = [call_text(call.get("function")) for call in request.tool_calls or []]
-    return "\n".join(part for part in [*request.texts, *calls] if part)
+    parts += [part for part in [*request.texts, *calls] if part and part not in held]
+    return "\n".join(part for part in parts if part)
 
 
 def answer(decision: Decision, request: GuardrailRequest, judged: list[str]) -> dict[str, Any]:
     """LiteLLM's action for a decision: NONE when the content passes, BLOCKED with the policy's message, or
-    GUARDRAIL_INTERVENED with the judged texts (all texts, on the response side) replaced by it (rewrite)."""
+    GUARDRAIL_INTERVENED with the judged texts (all texts, on the response side) replaced by it (rewrite). A
+    request's tool calls have no text to replace (LiteLLM takes back only texts): a rewrite of them blocks."""
     if decision.outcome.passes:
         return {"action": "NONE"}
-    if decision.outcome is not Outcome.REWRITE:
+    unreplaceable = request.input_type == "request" and bool(request.tool_calls)
+    if decision.outcome is not Outcome.REWRITE or unreplaceable:
         # beside LiteLLM's fields, the error the proxy itself would answer with: RSafe's guardrail reads them
         code = GuardUnavailable.code if decision.outcome is Outcome.GUARD_ERROR_BLOCK else ContentBlocked.code
         return {

@@ -61,6 +61,7 @@ def call_text(function: object) -> str:
 
 def turn_text(message: dict[str, Any]) -> str:
     """Everything a model reads in one message or input item: text and text parts, refusals, reasoning, tool
-    calls as `name(arguments)`, tool outputs; not metadata (ids, roles, types) nor binary payloads (images,
-    audio), which no guard reads (see channels.read)."""
-    return "\n".join(channels.read(message, call=call_text).texts)
+    calls as `name(arguments)`, tool outputs, whatever they look like (base64, a data: URL), and the text a
+    payload carries (a file that is UTF-8 text); not metadata (ids, roles, types) nor binary payloads (images,
+    audio, other files), which no guard reads (see channels.read and payloads)."""
+    return "\n".join(channels.read(message, call=call_text, request=True).texts)

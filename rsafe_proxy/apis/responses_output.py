@@ -11,8 +11,38 @@ from rsafe_proxy.apis import channels
 from rsafe_proxy.apis.dialect import EventTexts
 from rsafe_proxy.apis.messages import call_text
 
-# The parts of a response object that the model generated; the rest echoes the request (instructions, tools).
-_GENERATED = ("output", "output_text")
+# The fields of a response object that echo the request (instructions, tools, settings: what the client sent,
+# not generated, so not judged again), why it is incomplete, and who pays (`billing`). Every other field is
+# judged (see channels.read): `output`, the SDKs' `output_text`, `error`, and any a provider adds.
+_ECHOES = frozenset(
+    {
+        "instructions",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "text",
+        "reasoning",
+        "metadata",
+        "prompt",
+        "user",
+        "safety_identifier",
+        "prompt_cache_key",
+        "prompt_cache_retention",
+        "previous_response_id",
+        "conversation",
+        "truncation",
+        "store",
+        "include",
+        "temperature",
+        "top_p",
+        "max_output_tokens",
+        "max_tool_calls",
+        "frequency_penalty",
+        "presence_penalty",
+        "incomplete_details",
+        "billing",
+    }
+)
 # Streamed events that carry nothing but a payload the guard cannot read: stripped whole.
 _BINARY_EVENTS = frozenset({"response.audio.delta", "response.image_generation_call.partial_image"})
 # The events that end a streamed response.
@@ -23,8 +53,9 @@ def read_answer(answer: dict[str, Any], streamed: bool = False) -> channels.Read
     """Every channel of a response's output items, judged unless known to be metadata: messages, refusals,
     reasoning summaries and text, function and custom tool calls, and hosted tools' items (MCP calls and tool
     lists, code interpreter code and logs, shell commands, computer actions, web and file searches, images'
-    revised prompts); a generated image and other binary payloads are set apart (see channels.read)."""
-    generated = {key: answer[key] for key in _GENERATED if key in answer}
+    revised prompts), and every field of the response beside them that does not echo the request (a provider's
+    own); a generated image and other binary payloads are set apart (see channels.read)."""
+    generated = {key: value for key, value in answer.items() if key not in _ECHOES}
     reading = channels.read(generated, call=None if streamed else call_text, streamed=streamed)
     if reading.value is generated:
         return channels.Reading(reading.texts, reading.unjudged, answer)
@@ -45,8 +76,9 @@ def _message_item(message: str) -> dict[str, Any]:
 def stopped(response: dict[str, Any], message: str) -> dict[str, Any]:
     """The response with its output replaced by the policy's message, ended as incomplete (content_filter):
     nothing of the output it replaces survives (items, reasoning, `output_text`)."""
+    kept = {key: value for key, value in response.items() if key in _ECHOES or channels.is_metadata(key, value)}
     stopped = {
-        **response,
+        **kept,
         "status": "incomplete",
         "incomplete_details": {"reason": "content_filter"},
         "output": [_message_item(message)],
