@@ -71,7 +71,15 @@ def test_an_engine_that_fails_unexpectedly_is_a_json_500(
     caplog: pytest.LogCaptureFixture,
     stream: bool,
 ) -> None:
-    config = proxy_config(upstream.url, guard.url, tmp_path, guard={"engine": f"{__name__}:BrokenEngine"})
+    # sequential: in parallel mode the upstream is asked while the prompt is judged, so "nothing went upstream"
+    # would depend on which of the two ran first
+    config = proxy_config(
+        upstream.url,
+        guard.url,
+        tmp_path,
+        guard={"engine": f"{__name__}:BrokenEngine"},
+        server={"input_screening": "sequential"},
+    )
     proxy = start_proxy(servers, Settings.model_validate(config))
     body = {"model": "fake-model", "messages": [{"role": "user", "content": "hello"}], "stream": stream}
     with caplog.at_level(logging.ERROR, logger="rsafe_proxy"), proxy.http() as http:
