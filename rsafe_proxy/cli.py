@@ -14,6 +14,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from rsafe_proxy.arguments import at_least_one
 from rsafe_proxy.config import Settings, load_settings
 from rsafe_proxy.extras import EMBEDDED, require_engine_extra
 from rsafe_proxy.guard.protocol import Label, Side
@@ -51,17 +52,6 @@ def _policy(path: str | Path | None, settings: Settings) -> Policy:
         return load_policy(path)
     tenant = settings.tenants[0]
     return load_policy(resolve_policy_path(tenant.policy, Path(settings.base_dir)))
-
-
-def _worker_count(text: str) -> int:
-    """`serve --workers`: a whole number, at least 1."""
-    try:
-        count = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, not {text!r}") from None
-    if count < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {count}")
-    return count
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -298,7 +288,7 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port to listen on (default: server.port, 8080)")
     serve.add_argument(
         "--workers",
-        type=_worker_count,
+        type=at_least_one,
         metavar="N",
         help="worker processes sharing the port (default: server.workers, 1; RSAFE_WORKERS in the default proxy.yaml)",
     )

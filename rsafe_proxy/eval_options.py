@@ -9,6 +9,8 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
+from rsafe_proxy.arguments import at_least_one
+
 
 @dataclass(frozen=True)
 class EvalOptions:
@@ -56,17 +58,6 @@ class EvalOptions:
         )
 
 
-def _positive(text: str) -> int:
-    """An argparse type: an integer of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
-
-
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `rsafe-proxy eval`."""
     parser.add_argument(
@@ -80,7 +71,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--limit",
-        type=_positive,
+        type=at_least_one,
         metavar="N",
         help="judge N rows of each file, evenly spaced through it (default: all)",
     )
@@ -89,7 +80,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--concurrency",
-        type=_positive,
+        type=at_least_one,
         default=4,
         metavar="N",
         help="rows screened at once; the latency columns are measured under it (default: %(default)s)",

@@ -257,7 +257,7 @@ def test_workers_must_be_at_least_one(workers: str, tmp_path: Path) -> None:
         check=False,
     )
     assert done.returncode == 2
-    assert f"argument --workers: must be at least 1, not {workers}" in done.stderr
+    assert f"argument --workers: must be a whole number of at least 1, not {workers!r}" in done.stderr
 
 
 def test_the_workers_share_one_console_session_secret() -> None:

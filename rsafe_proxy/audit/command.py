@@ -18,6 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from rsafe_proxy.arguments import at_least_one
 from rsafe_proxy.audit import is_postgres, open_store, store_url
 from rsafe_proxy.audit.record import DecisionQuery, DecisionRecord, DecisionStore
 from rsafe_proxy.config import AuditSettings, load_settings
@@ -64,16 +65,6 @@ def moment(text: str) -> float:
     return (parsed.astimezone() if parsed.tzinfo is None else parsed).timestamp()
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
-    return value
-
-
 def add_decisions_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `rsafe-proxy decisions`."""
     parser.add_argument("--tenant", help="only this tenant's decisions")
@@ -94,7 +85,7 @@ def add_decisions_arguments(parser: argparse.ArgumentParser) -> None:
         "--last",
         "--limit",
         dest="limit",
-        type=_positive,
+        type=at_least_one,
         metavar="N",
         help=f"how many, the latest (default: {DEFAULT_LIMIT}; with --id, all)",
     )
