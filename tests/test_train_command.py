@@ -316,6 +316,19 @@ def test_a_resumed_run_of_other_rows_is_refused(
     assert steps(out, "sft") == [1, 2]
 
 
+def test_a_resumed_run_whose_inputs_were_never_recorded_is_refused(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A folder whose checkpoints predate `inputs.json` (or lost it) cannot show what they were computed from: a
+    resume is refused rather than trusted."""
+    out = tmp_path / "run"
+    common = ("--sft-epochs", "1", "--eval-max", "0", "--stop-after", "1")
+    assert run_train(parse(arguments(tiny_model, tmp_path, out, *common))) == 0
+    (out / "inputs.json").unlink()
+    assert run_train(parse(arguments(tiny_model, tmp_path, out, *common, "--resume"))) == 2
+    assert "holds sft results whose inputs are not recorded" in capsys.readouterr().err
+
+
 def test_an_evaluation_is_recomputed_when_what_it_scored_changed(tiny_model: Path, tmp_path: Path) -> None:
     """`eval-LABEL.json` is read back only under the same key: a model retrained in place (the same folder) or
     other rows are scored afresh; the same model and rows are not."""

@@ -192,7 +192,13 @@ def keep_inputs(run: Prepared) -> None:
     path, keys = run.out / "inputs.json", phase_keys(run)
     recorded = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     stored = [phase for phase in keys if checkpoint_dir(run.out, phase).is_dir() or stage_dir(run.out, phase).is_dir()]
-    changed = [phase for phase in stored if recorded.get(phase, keys[phase]) != keys[phase]]
+    unrecorded = [phase for phase in stored if phase not in recorded]
+    if unrecorded:  # made before the inputs were recorded: what they came from cannot be told
+        raise NothingToTrain(
+            f"{run.out} holds {' and '.join(unrecorded)} results whose inputs are not recorded (no {path.name}: an "
+            "older run): pick another --out, or delete the folder to train it afresh"
+        )
+    changed = [phase for phase in stored if recorded[phase] != keys[phase]]
     if changed:
         raise NothingToTrain(
             f"{run.out} holds a run of other inputs (its {' and '.join(changed)} phase: the rows, the model or an "
