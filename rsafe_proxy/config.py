@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 
 from rsafe_proxy.guard.engine import DEFAULT_SEGMENT_CHARS, SEGMENT_CHARS, EngineSettings, is_embedded_guard
 from rsafe_proxy.guard.families import family, mode_problem
+from rsafe_proxy.statedir import state_dir
 from rsafe_proxy.yamlsource import FileInvalid, InvalidPart, Problem, YamlDocument, read_yaml, validate
 
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:-([^}]*))?\}")
@@ -434,6 +435,9 @@ def load_settings(
     if problems:
         raise FileInvalid(problems)
     if isinstance(data, dict):
-        data.setdefault("base_dir", str(Path(path).resolve().parent))
+        # the packaged file's relative paths (its spans file) land in the user's state folder: the package's own
+        # folder may be read-only, and is no place for a deployment's data
+        packaged = Path(path).resolve() == packaged_config_path().resolve()
+        data.setdefault("base_dir", str(state_dir(env) if packaged else Path(path).resolve().parent))
         data.setdefault("source", str(Path(path).resolve()))
     return validate(YamlDocument(document.path, data, document.lines), Settings)

@@ -5,12 +5,12 @@ writes it off the request path (writer.py) from its screen spans (spans.py); `rs
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
 from rsafe_proxy.audit.record import DecisionQuery, DecisionRecord, DecisionStore, PolicyVersion
 from rsafe_proxy.config import AuditSettings
+from rsafe_proxy.statedir import state_dir
 
 __all__ = [
     "DecisionQuery",
@@ -28,12 +28,7 @@ DB_NAME = "decisions.db"
 def default_path(env: Mapping[str, str] | None = None) -> Path:
     """The SQLite file used when `audit.url` is unset: in $RSAFE_STATE_DIR, else $XDG_STATE_HOME/rsafe-proxy,
     else ~/.local/state/rsafe-proxy. Per user, and the same wherever the proxy or the CLI is started."""
-    env = os.environ if env is None else env
-    if env.get("RSAFE_STATE_DIR"):
-        return Path(env["RSAFE_STATE_DIR"]).expanduser() / DB_NAME
-    if env.get("XDG_STATE_HOME"):
-        return Path(env["XDG_STATE_HOME"]).expanduser() / "rsafe-proxy" / DB_NAME
-    return Path.home() / ".local" / "state" / "rsafe-proxy" / DB_NAME
+    return state_dir(env) / DB_NAME
 
 
 def is_postgres(url: str) -> bool:

@@ -53,6 +53,7 @@ class Recorder:
                 if os.path.isabs(settings.spans_file)
                 else os.path.join(base_dir, settings.spans_file)
             )
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)  # the state folder may not exist yet
             self.provider.add_span_processor(BatchSpanProcessor(JsonLinesExporter(path), schedule_delay_millis=500))
             self.spans_file: str | None = path
         else:
