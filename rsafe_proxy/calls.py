@@ -3,7 +3,7 @@ so that the HTTP surface (routes.py) and the pipeline share no framework types."
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 
 from rsafe_proxy.policy.schema import Policy
@@ -21,11 +21,14 @@ class Reply:
 
 @dataclass(frozen=True)
 class StreamReply:
-    """A streamed response; `chunks` must be iterated to the end or closed."""
+    """A streamed response; `chunks` must be iterated to the end or closed. `ending(message)`: the event that ends
+    an event stream the proxy stops before its end (a shutdown), as the stream's API ends one (None: the generic
+    error event ends it, as it ends a stream the proxy does not read)."""
 
     status: int
     headers: dict[str, str]
     chunks: AsyncIterator[bytes]
+    ending: Callable[[str], bytes | None] | None = None
 
 
 @dataclass(frozen=True)

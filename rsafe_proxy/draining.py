@@ -9,14 +9,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import re
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
 
+from rsafe_proxy.errors import ServerShuttingDown
 from rsafe_proxy.telemetry.context import decision_id
 
 SHUTDOWN_MESSAGE = "The proxy is shutting down; the request was stopped. Retry it."
-_SEQUENCE = re.compile(rb'"sequence_number"\s*:\s*(\d+)')
 
 
 class Drain:
@@ -46,65 +44,30 @@ class Drain:
                 self._scopes.discard(scope)
 
 
-class _Ending:
-    """What a cut event stream ends with: the Responses API's `response.failed` (with the response the stream
-    announced, so SDKs that track it accept the event), else the generic `data: {"error": ...}` that every
-    OpenAI SDK raises as an APIError. Either error object carries the request's decision id (`decision_id`),
-    as every error body does."""
-
-    def __init__(self, decision: str | None = None) -> None:
-        self.known = {} if decision is None else {"decision_id": decision}
-        self.response: dict[str, Any] | None = None
-        self.sequence = -1
-        self.at_boundary = True
-
-    def saw(self, chunk: bytes) -> None:
-        self.at_boundary = chunk.endswith((b"\n\n", b"\r\n\r\n"))
-        if not chunk.startswith(b"event: response."):  # a Responses API event, as the proxy sends them
-            return
-        for number in _SEQUENCE.findall(chunk):
-            self.sequence = max(self.sequence, int(number))
-        if self.response is None:
-            self.response = _announced_response(chunk)
-
-    def event(self, message: str) -> bytes:
-        blank = b"" if self.at_boundary else b"\n\n"  # close an event the stream had not finished
-        if self.response is None:
-            error = {
-                "message": message,
-                "type": "server_error",
-                "param": None,
-                "code": "server_shutting_down",
-                **self.known,
-            }
-            return blank + b"data: " + json.dumps({"error": error}).encode() + b"\n\n"
-        failed = {
-            **self.response,
-            "status": "failed",
-            "error": {"code": "server_error", "message": message, **self.known},
-            "incomplete_details": None,
-        }
-        data = {"type": "response.failed", "response": failed, "sequence_number": self.sequence + 1}
-        return blank + b"event: response.failed\ndata: " + json.dumps(data).encode() + b"\n\n"
+def _error_event(message: str, decision: str | None) -> bytes:
+    """The generic end of a stream the proxy does not read: `data: {"error": ...}`, which every OpenAI SDK raises
+    as an APIError, its error object carrying the request's decision id (`decision_id`), as every error body does."""
+    body = ServerShuttingDown(message).body()
+    known = {} if decision is None else {"decision_id": decision}
+    return b"data: " + json.dumps({"error": {**body["error"], **known}}).encode() + b"\n\n"
 
 
-def _announced_response(chunk: bytes) -> dict[str, Any] | None:
-    for line in chunk.split(b"\n"):
-        if line.startswith(b"data:"):
-            try:
-                data = json.loads(line[5:])
-            except ValueError:
-                return None
-            response = data.get("response") if isinstance(data, dict) else None
-            return response if isinstance(response, dict) else None
-    return None
-
-
-async def until_drained(chunks: AsyncIterator[bytes], drain: Drain) -> AsyncIterator[bytes]:
+async def until_drained(
+    chunks: AsyncIterator[bytes], drain: Drain, ending: Callable[[str], bytes | None] | None = None
+) -> AsyncIterator[bytes]:
     """The event stream `chunks`, ended cleanly at the shutdown deadline: the wait for the next chunk is
-    cancelled (and with it the upstream read and any screening), a final error event is sent, and the body ends
-    as a well-formed chunked response. Held-back text that was not judged yet is never sent."""
-    ending = _Ending(decision_id())  # the stream is sent in the request's trace context
+    cancelled (and with it the upstream read and any screening), a final error event is sent (`ending`'s, as the
+    stream's API ends a failed stream: the Responses API's `response.failed`; where it has none, the generic
+    error event), and the body ends as a well-formed chunked response. Held-back text that was not judged yet
+    is never sent."""
+    decision = decision_id()  # the stream is sent in the request's trace context
+    at_boundary = True
+
+    def stop() -> bytes:
+        blank = b"" if at_boundary else b"\n\n"  # close an event the stream had not finished
+        own = ending(SHUTDOWN_MESSAGE) if ending is not None else None
+        return blank + (own if own is not None else _error_event(SHUTDOWN_MESSAGE, decision))
+
     try:
         while True:
             try:
@@ -115,12 +78,12 @@ async def until_drained(chunks: AsyncIterator[bytes], drain: Drain) -> AsyncIter
             except TimeoutError:
                 if not scope.expired():
                     raise
-                yield ending.event(SHUTDOWN_MESSAGE)
+                yield stop()
                 return
-            ending.saw(chunk)
+            at_boundary = chunk.endswith((b"\n\n", b"\r\n\r\n"))
             yield chunk
             if scope.expired():  # the source swallowed the cancellation and produced a chunk anyway
-                yield ending.event(SHUTDOWN_MESSAGE)
+                yield stop()
                 return
     finally:
         close = getattr(chunks, "aclose", None)

@@ -25,8 +25,9 @@ from rsafe_proxy.policy.decide import Decision, Outcome
 from rsafe_proxy.screens import Screening, Screens
 from rsafe_proxy.streaming import Event, WindowedScreen, sse_events
 from rsafe_proxy.telemetry import Recorder
-from rsafe_proxy.telemetry.context import inject, waited, waiting
+from rsafe_proxy.telemetry.context import waited, waiting
 from rsafe_proxy.telemetry.genai import AnswerReading
+from rsafe_proxy.tracecontext import inject
 from rsafe_proxy.upstream import Upstream, forward_headers, returned_headers
 
 
@@ -230,7 +231,7 @@ class Pipeline:
         if await _upstream_error(response):
             return Reply(response.status_code, (await self._read(state, response))[0], headers)
         if stream and response.headers.get("content-type", "").startswith("text/event-stream"):
-            return StreamReply(200, headers, self._stream(state, response))
+            return self._streamed(state, response, headers)
         raw, value = await self._read(state, response)
         body = await self._screen_answer(state, raw, value)
         # x-rsafe-overhead-ms (the proxy's own time) is set on every response by telemetry.http.TraceRequests
@@ -256,7 +257,9 @@ class Pipeline:
         """Stored answers (a response, a chat completion, a list of them), fetched or returned by another
         operation on them (a response cancelled, a completion's metadata updated: the body goes upstream): their
         output is screened as it was when made, so what the policy stopped then cannot be fetched later. The
-        prompt they answered is not in the request: the guard judges the output alone."""
+        prompt they answered is not in the request: the guard judges the output alone. The operation sends
+        upstream only the body it takes (see Dialect.stored_body)."""
+        call = replace(call, body=dialect.stored_body(call.method, call.body))
         state = Screening(call, dialect, {}, None, [], "", self._request_span(call))
         span = state.span
         streamed = False
@@ -267,13 +270,14 @@ class Pipeline:
                 return Reply(response.status_code, (await self._read(state, response))[0], headers)
             if response.headers.get("content-type", "").startswith("text/event-stream"):  # a resumed stream
                 streamed = True
-                return StreamReply(200, headers, self._stream(state, response))
+                return self._streamed(state, response, headers)
             raw, value = await self._read(state, response)
-            if isinstance(value, dict) and value.get("object") == "list" and isinstance(value.get("data"), list):
-                items = [dialect.answer(item) for item in value["data"]]
+            if (listed := dialect.stored_answers(value)) is not None:
+                items = [dialect.answer(item) for item in listed]
                 screened = list(await asyncio.gather(*(self.screens.screen_answer(state, item) for item in items)))
                 changed = any(new is not old for new, old in zip(screened, items, strict=True))
-                return Reply(200, json.dumps({**value, "data": screened}).encode() if changed else raw, headers)
+                body = json.dumps(dialect.with_answers(value, screened)).encode() if changed else raw
+                return Reply(200, body, headers)
             answer = dialect.answer(value)
             screened_one = await self.screens.screen_answer(state, answer)
             return Reply(200, raw if screened_one is answer else json.dumps(screened_one).encode(), headers)
@@ -298,8 +302,13 @@ class Pipeline:
             if request.input_type == "request":
                 try:
                     _, decision, judged = await self.screens.screen_input(state)
-                except ContentTooLong as error:  # LiteLLM reads actions, not errors
-                    blocked = {"action": "BLOCKED", "blocked_reason": error.message}
+                except ContentTooLong as error:  # LiteLLM reads actions, not errors; RSafe's guardrail the code
+                    blocked = {
+                        "action": "BLOCKED",
+                        "blocked_reason": error.message,
+                        "code": error.code,
+                        "categories": [],
+                    }
                     return Reply(200, json.dumps(blocked).encode(), {"content-type": "application/json"})
             elif (text := guardrail.output_text(request)).strip():
                 _, decision = await self.screens.screen(state, Side.OUTPUT, "", text)
@@ -315,7 +324,13 @@ class Pipeline:
         screened = await self.screens.screen_answer(state, answer)
         return raw if screened is answer else json.dumps(screened).encode()
 
-    async def _stream(self, state: Screening, response: httpx.Response) -> AsyncIterator[bytes]:
+    def _streamed(self, state: Screening, response: httpx.Response, headers: dict[str, str]) -> StreamReply:
+        """The upstream's event stream, screened; a shutdown ends it as its dialect ends a failed stream."""
+        windowed = self._windowed(state)
+        return StreamReply(200, headers, self._stream(state, response, windowed), ending=windowed.stop_event)
+
+    def _windowed(self, state: Screening) -> WindowedScreen:
+        """The windowed screen of the request's streamed answer."""
         prompt, policy = state.prompt, state.call.policy
 
         async def judge(index: int, text: str) -> Decision:
@@ -324,13 +339,17 @@ class Pipeline:
         # payloads the guard cannot read are stripped, or cut the stream as a violation (policy.unjudged)
         unjudged = Decision(Outcome.BLOCK, Side.OUTPUT, (), policy.messages.block.output)
         ids = state.span.get_span_context()  # the decision id, also in the stream's last event (see WindowedScreen)
-        windowed = WindowedScreen(
+        return WindowedScreen(
             state.dialect,
             policy.stream,
             judge,
             unjudged if policy.unjudged == "block" else None,
             decision_id=trace.format_trace_id(ids.trace_id) if ids.is_valid else None,
         )
+
+    async def _stream(
+        self, state: Screening, response: httpx.Response, windowed: WindowedScreen
+    ) -> AsyncIterator[bytes]:
         reading = AnswerReading()
         upstream_call = state.opened.pop(id(response), None)
         try:

@@ -7,7 +7,6 @@ import contextlib
 import os
 import re
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
 from typing import Any
 
 from starlette.requests import Request
@@ -15,7 +14,6 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from rsafe_proxy.apis import CHAT, COMPLETIONS, RESPONSES, guardrail
-from rsafe_proxy.bodies import encode_json, parse_json
 from rsafe_proxy.calls import Call, Reply, StreamReply
 from rsafe_proxy.console.keys import ConsoleKeys
 from rsafe_proxy.draining import SHUTDOWN_MESSAGE, Drain, until_drained
@@ -125,7 +123,8 @@ async def _call(request: Request) -> Call:
         path=raw_path.decode("ascii").removeprefix("/v1").lstrip("/"),
         query=request.scope["query_string"].decode("ascii"),
         headers=_forwardable(request, tenant, (tenants.keys, _admin_keys(runtime), _console_keys(runtime))),
-        body=b"" if request.method in ("GET", "HEAD") else body,  # a GET body has no meaning: none goes on
+        # a GET, HEAD or DELETE body has no meaning (no OpenAI-compatible route reads one): none goes on
+        body=b"" if request.method in ("GET", "HEAD", "DELETE") else body,
         tenant=tenant,
         policy=tenancy.policy(tenant.id),
     )
@@ -136,7 +135,7 @@ def _response(reply: Reply | StreamReply, drain: Drain) -> Response:
         return Response(reply.body, status_code=reply.status, headers=reply.headers)
     chunks = reply.chunks
     if any(k.lower() == "content-type" and v.startswith("text/event-stream") for k, v in reply.headers.items()):
-        chunks = until_drained(chunks, drain)  # at shutdown an event stream ends with an error event, cleanly
+        chunks = until_drained(chunks, drain, reply.ending)  # at shutdown an event stream ends with an error event
     return StreamingResponse(chunks, status_code=reply.status, headers=reply.headers)
 
 
@@ -187,29 +186,16 @@ async def responses(request: Request) -> Response:
     return await _serve(request, lambda pipeline, call: pipeline.complete(call, RESPONSES))
 
 
-def _metadata_only(call: Call) -> Call:
-    """A completion's update, as the upstream receives it: its `metadata` re-encoded and nothing else, so that
-    no prompt can ride on it unjudged (an upstream that read it as a create would find none)."""
-    if call.method != "POST":
-        return call
-    body = parse_json(call.body)
-    if set(body) - {"metadata"}:
-        raise InvalidRequest(
-            "A stored chat completion's update takes `metadata` only.", param=min(set(body) - {"metadata"})
-        )
-    return replace(call, body=encode_json({"metadata": body.get("metadata")}))
-
-
 async def stored_response(request: Request) -> Response:
     """GET /v1/responses/{id}, POST /v1/responses/{id}/cancel (which takes no body; none is sent): a stored
     response, its output screened again."""
-    return await _serve(request, lambda pipeline, call: pipeline.retrieve(replace(call, body=b""), RESPONSES))
+    return await _serve(request, lambda pipeline, call: pipeline.retrieve(call, RESPONSES))
 
 
 async def stored_chat_completions(request: Request) -> Response:
     """GET /v1/chat/completions[/{id}], POST /v1/chat/completions/{id} (metadata update, which returns the
     completion): stored chat completions, their choices screened again."""
-    return await _serve(request, lambda pipeline, call: pipeline.retrieve(_metadata_only(call), CHAT))
+    return await _serve(request, lambda pipeline, call: pipeline.retrieve(call, CHAT))
 
 
 async def litellm_guardrail(request: Request) -> Response:

@@ -19,10 +19,10 @@ from typing import Any
 from rsafe_proxy.apis.dialect import Dialect, EventReader, EventTexts
 from rsafe_proxy.apis.messages import MAX_CHOICES
 from rsafe_proxy.bodies import read_json
-from rsafe_proxy.errors import ProxyError, UpstreamUnavailable
+from rsafe_proxy.errors import ProxyError, ServerShuttingDown, UpstreamUnavailable
 from rsafe_proxy.policy.decide import Decision
 from rsafe_proxy.policy.schema import StreamMode, StreamSettings
-from rsafe_proxy.windowplan import WindowPlan
+from rsafe_proxy.windowplan import ChoiceText, WindowPlan
 
 # judge(choice index, window text) -> the decision on it
 Judge = Callable[[int, str], Awaitable[Decision]]
@@ -35,14 +35,15 @@ _FIELDS = frozenset({b"data", b"event", b"id", b"retry"})
 
 @dataclass
 class Event:
-    """One SSE event: its raw bytes, and the JSON it carries (None for [DONE] or comments). `plain`: the raw
-    bytes say nothing but that JSON (and its type as the event name), so they can be sent as they are."""
+    """One SSE event: its raw bytes, and the JSON it carries (None for [DONE] or comments); `fields`: its lines
+    other than data (an event name, an id). The raw bytes are sent as they are only when these say nothing but
+    the name the dialect gives the event (see WindowedScreen)."""
 
     raw: bytes
     data: dict[str, Any] | None
     done: bool = False
     opaque: bool = False
-    plain: bool = True
+    fields: tuple[bytes, ...] = ()
 
 
 # One event larger than this is no token stream: an upstream that never ends its event would fill the memory.
@@ -73,8 +74,7 @@ def _event(raw: bytes) -> Event:
         return Event(raw, None, done=True)
     data = read_json(payload) if payload else None  # one reading (no repeated keys): the client's, too
     if isinstance(data, dict):
-        named = f"event: {data.get('type')}".encode()
-        return Event(raw, data, plain=all(line == named for line in others))
+        return Event(raw, data, fields=tuple(others))
     if not payload:
         # a comment, or fields without data; a line that is no SSE field at all is garbage
         return Event(raw, None, opaque=any(line.split(b":", 1)[0] not in _FIELDS for line in others))
@@ -82,32 +82,10 @@ def _event(raw: bytes) -> Event:
     return Event(raw, None, opaque=True)
 
 
-def encode(data: dict[str, Any]) -> bytes:
-    """One SSE data event (named by its `type`, as the Responses API names its events)."""
-    named = f"event: {data['type']}\n".encode() if isinstance(data.get("type"), str) else b""
+def encode(data: dict[str, Any], name: str | None = None) -> bytes:
+    """One SSE data event, under the event name `name` where there is one."""
+    named = f"event: {name}\n".encode() if name is not None else b""
     return named + b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
-
-
-@dataclass
-class _Choice:
-    """One choice's answer: the text of the windows closed so far, and the text of the open one."""
-
-    closed: str = ""
-    pending: list[str] = field(default_factory=list)
-    size: int = 0  # characters pending
-
-    def add(self, text: str) -> None:
-        self.pending.append(text)
-        self.size += len(text)
-
-    def close(self) -> str | None:
-        """Close the open window: the whole answer so far (what the guard judges), or None when the window added
-        no text to this choice."""
-        new = "".join(self.pending)
-        self.pending.clear()
-        self.size = 0
-        self.closed += new
-        return self.closed if new.strip() else None
 
 
 # The choice whose text stops the stream, and the decision that stops it.
@@ -120,12 +98,13 @@ _Taken = tuple[bytes | None, _Cut | None, list[tuple[int, str]]]
 @dataclass
 class _Window:
     """Closed text on its way to the client: its events' bytes, released only once `verdict` is None (the window
-    passed); `last`: the stream's end comes with it."""
+    passed); `last`: the stream's end comes with it; `template`: the answer's metadata as its events left it."""
 
     held: list[bytes]
     size: int
     verdict: asyncio.Future[_Cut | None]
     last: bool = False
+    template: dict[str, Any] = field(default_factory=dict)
 
 
 def _settled(value: _Cut | None = None, error: BaseException | None = None) -> asyncio.Future[_Cut | None]:
@@ -207,7 +186,7 @@ class WindowedScreen:
     judge: Judge
     unjudged: Decision | None = None
     decision_id: str | None = None
-    choices: dict[int, _Choice] = field(default_factory=dict)
+    choices: dict[int, ChoiceText] = field(default_factory=dict)
     template: dict[str, Any] = field(default_factory=dict)
     windows: int = 0  # windows judged (telemetry)
     stripped: list[str] = field(default_factory=list)
@@ -217,9 +196,10 @@ class WindowedScreen:
     _finished: set[int] = field(default_factory=set)
     _indices: set[int] = field(default_factory=set)
     _unreadable: bool = False
-    _sequence: int = -1  # a numbered dialect's events: the proxy's own continue the count
+    _sequence: int = -1  # the upstream's last event number (a numbered dialect): the proxy's own continue it
     _closed: int = 0  # windows closed: the next one's number in the plan
     _plan: WindowPlan = field(init=False)
+    _shown: dict[str, Any] = field(default_factory=dict)  # the template as of the events released so far
 
     def __post_init__(self) -> None:
         self._plan = WindowPlan(self.settings.first_chars, self.settings.window_chars)
@@ -230,8 +210,7 @@ class WindowedScreen:
             return KEEP_ALIVE, None, []
         read: EventTexts = self.reader.take(event.data)
         texts, unjudged, data = read.texts, read.unjudged, read.value
-        number = event.data.get("sequence_number")
-        if isinstance(number, int) and not isinstance(number, bool):
+        if (number := self.dialect.sequence_of(event.data)) is not None:
             self._sequence = max(self._sequence, number)
         if unjudged:
             self.stripped += unjudged
@@ -241,11 +220,24 @@ class WindowedScreen:
         if data is not None and (not self.template or self.dialect.names_answer(data)):
             self.template = data
         for index, text in texts:
-            self.choices.setdefault(index, _Choice()).add(text)
+            self.choices.setdefault(index, ChoiceText()).add(text)
         if data is None:
             return None, None, texts
         # sent as received when nothing was stripped and the bytes carry nothing else (an id, a stray line)
-        return (event.raw if data is event.data and event.plain else encode(data)), None, texts
+        return (event.raw if self._as_received(event, data) else self._encoded(data)), None, texts
+
+    def _as_received(self, event: Event, data: dict[str, Any]) -> bool:
+        """Whether `data` is the event's as received, and its lines beside the data are only the name the dialect
+        gives it (or none)."""
+        if data is not event.data:
+            return False
+        name = self.dialect.event_name(data)
+        named = f"event: {name}".encode() if name is not None else None
+        return all(line == named for line in event.fields)
+
+    def _encoded(self, data: dict[str, Any]) -> bytes:
+        """`data` as an SSE event, under the name its dialect gives it."""
+        return encode(data, self.dialect.event_name(data))
 
     async def _watched(self, events: AsyncIterator[Event]) -> AsyncGenerator[Event, None]:
         """The upstream's events; its failure is kept (the stream still ends cleanly), and so is a stream that
@@ -300,7 +292,8 @@ class WindowedScreen:
     def _closing(self, held: list[bytes], size: int, last: bool = False) -> _Window:
         """The open window closed, its verdict asked for at once."""
         work = self._close()
-        return _Window(held, size, asyncio.ensure_future(self._judge(work)) if work else _settled(), last)
+        verdict = asyncio.ensure_future(self._judge(work)) if work else _settled()
+        return _Window(held, size, verdict, last, self.template)
 
     def _cut(self, index: int, decision: Decision) -> list[bytes]:
         *events, last = self.dialect.cut_events(self.template, index, decision.message)
@@ -313,10 +306,20 @@ class WindowedScreen:
 
     def _numbered(self, event: dict[str, Any]) -> bytes:
         """`event` encoded, numbered after the upstream's last event where the dialect numbers its events."""
-        if self.dialect.numbered and self._sequence >= 0:
+        if self._sequence >= 0:
             self._sequence += 1
-            event = {**event, "sequence_number": self._sequence}
-        return encode(event)
+            event = self.dialect.numbered(event, self._sequence)
+        return self._encoded(event)
+
+    def stop_event(self, message: str) -> bytes | None:
+        """What ends the stream when the proxy stops it before its end (a shutdown): the dialect's failure
+        events, carrying `message` and the decision id, built from the events released so far (the text held
+        back, not judged yet, is never sent); None while none was (the stream has no answer to end yet)."""
+        if not self._shown:
+            return None
+        known = {} if self.decision_id is None else {"decision_id": self.decision_id}
+        events = self.dialect.failed_events(self._shown, ServerShuttingDown(message), known)
+        return b"".join(self._numbered(event) for event in events)
 
     def _ending(self) -> bytes:
         """The end of the stream: the dialect's end marker, or, after an upstream failure, an error the SDKs raise."""
@@ -348,6 +351,7 @@ class WindowedScreen:
                     yield b"".join(window.held) + self._ending()
                     return
                 if window.held:
+                    self._shown = window.template
                     yield b"".join(window.held)
         finally:  # a cut, or a client that left: the reading and every guard call still running stop
             reading.cancel()
@@ -410,6 +414,7 @@ class WindowedScreen:
                     if raw and self.dialect.is_final(event.data):
                         tail.append(raw)
                     elif raw:
+                        self._shown = self.template
                         yield raw
                     if self._closes(texts):  # the window is taken now, not when its task first runs
                         checks.append(asyncio.create_task(self._judge(self._close())))

@@ -10,7 +10,7 @@ import pytest
 
 from rsafe_proxy.apis import CHAT, COMPLETIONS, RESPONSES, Dialect
 from rsafe_proxy.apis.choices import DONE
-from rsafe_proxy.errors import UpstreamUnavailable
+from rsafe_proxy.errors import InvalidRequest, UpstreamUnavailable
 from rsafe_proxy.guard.conversation import TOOLS
 
 SECRET = "the hidden words"
@@ -151,3 +151,63 @@ def test_a_cut_stream_ends_with_the_message_and_the_dialects_end(dialect: Dialec
     assert STOP in json.dumps(events)
     assert dialect.is_final(events[-1]) and dialect.ends_stream(events[-1]) == dialect.strict_end
     assert dialect.end_marker == (b"" if dialect.strict_end else DONE)
+
+
+# -- the stream's framing: event names and numbers --------------------------------------------------------------
+
+# (dialect, an upstream event, the name it is sent under, the number it carries)
+FRAMING: list[tuple[Dialect[Any], dict[str, Any], str | None, int | None]] = [
+    (CHAT, {**_chunk({"content": "hi"}), "sequence_number": 4}, None, None),
+    (CHAT, {**_chunk({"content": "hi"}), "type": "response.completed"}, None, None),  # a chunk is never named
+    (COMPLETIONS, {"object": "text_completion", "choices": [{"index": 0, "text": "hi"}]}, None, None),
+    (
+        RESPONSES,
+        {"type": "response.output_text.delta", "delta": "hi", "sequence_number": 4},
+        "response.output_text.delta",
+        4,
+    ),
+    (RESPONSES, {"type": "response.created", "sequence_number": True}, "response.created", None),  # no number
+    (RESPONSES, {"delta": "hi"}, None, None),
+]
+
+
+@pytest.mark.parametrize(("dialect", "event", "name", "number"), FRAMING)
+def test_each_dialect_names_and_numbers_its_events(
+    dialect: Dialect[Any], event: dict[str, Any], name: str | None, number: int | None
+) -> None:
+    assert dialect.event_name(event) == name
+    assert dialect.sequence_of(event) == number
+
+
+@pytest.mark.parametrize("dialect", DIALECTS)
+def test_the_proxys_own_events_continue_the_count_where_the_dialect_numbers_them(dialect: Dialect[Any]) -> None:
+    event = dialect.cut_events({"id": "c", "response": {"id": "r"}}, 0, STOP)[-1]
+    numbered = dialect.numbered(event, 7)
+    assert dialect.sequence_of(numbered) == (7 if dialect is RESPONSES else None)
+    assert {key: value for key, value in numbered.items() if key != "sequence_number"} == event
+
+
+# -- stored answers ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dialect", DIALECTS)
+def test_a_page_of_stored_answers_is_read_and_rebuilt_by_the_dialect(dialect: Dialect[Any]) -> None:
+    page = {"object": "list", "data": [{"id": "a"}, {"id": "b"}], "has_more": False}
+    assert dialect.stored_answers(page) == [{"id": "a"}, {"id": "b"}]
+    assert dialect.with_answers(page, [{"id": "x"}]) == {"object": "list", "data": [{"id": "x"}], "has_more": False}
+    for one in ({"id": "a", "object": "chat.completion"}, {"object": "list", "data": "no list"}, ["a"], None):
+        assert dialect.stored_answers(one) is None
+
+
+def test_a_stored_chat_completions_update_sends_its_metadata_only() -> None:
+    assert CHAT.stored_body("POST", b'{"metadata": {"k": "v"}}') == b'{"metadata":{"k":"v"}}'
+    assert CHAT.stored_body("POST", b"{}") == b'{"metadata":null}'
+    with pytest.raises(InvalidRequest) as refused:
+        CHAT.stored_body("POST", json.dumps({"metadata": {}, "messages": [SECRET], "model": "m"}).encode())
+    assert refused.value.param == "messages"  # the first field it may not send, by name
+    assert CHAT.stored_body("GET", b'{"messages": []}') == b""
+
+
+@pytest.mark.parametrize("dialect", [COMPLETIONS, RESPONSES])
+def test_other_operations_on_stored_answers_send_no_body(dialect: Dialect[Any]) -> None:
+    assert dialect.stored_body("POST", json.dumps({"input": SECRET}).encode()) == b""

@@ -1,10 +1,12 @@
 """Graceful shutdown of the proxy's own HTTP server: streams under way end cleanly at the grace period (a chat
 stream with [DONE], a responses stream with response.failed, an API error to the SDK), a stream that ends within
 it is complete, a request still unanswered gets a JSON 503, and SIGTERM to `rsafe-proxy serve` does the same. On
-loopback, as `rsafe-proxy serve` runs the proxy."""
+loopback, as `rsafe-proxy serve` runs the proxy; then the ending itself (draining.until_drained and the windowed
+screen's stop event), without a server."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -12,21 +14,26 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import openai
 import pytest
 import yaml
 
+from rsafe_proxy.apis import RESPONSES
+from rsafe_proxy.draining import SHUTDOWN_MESSAGE, Drain, until_drained
 from rsafe_proxy.errors import ServerShuttingDown
+from rsafe_proxy.policy.schema import StreamSettings
+from rsafe_proxy.streaming import WindowedScreen, sse_events
 from tests.conftest import MakeProxy
-from tests.doubles import ScriptedGuard
+from tests.doubles import UNSAFE, ScriptedGuard
 from tests.fake_upstream import FakeUpstream
 from tests.serving import Proxy, proxy_config, unused_url, write_policy
+from tests.test_stream_windows import SENTENCES, GatedJudge, until
 
 LONG_ANSWER = " ".join(f"word{number}" for number in range(60))
 
@@ -204,3 +211,72 @@ def test_sigterm_to_rsafe_proxy_serve_ends_streams_cleanly(
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+# -- the ending itself, without a server ---------------------------------------------------------------------------
+
+
+async def _stalled(first: bytes) -> AsyncIterator[bytes]:
+    yield first
+    await asyncio.Event().wait()  # an upstream that sends no more
+
+
+async def _drained(first: bytes, ending: Callable[[str], bytes | None] | None) -> bytes:
+    drain = Drain()
+    out = until_drained(_stalled(first), drain, ending)
+    sent = [await anext(out)]
+    drain.begin(0.05)
+    sent += [chunk async for chunk in out]
+    return b"".join(sent)
+
+
+@pytest.mark.anyio
+async def test_a_drained_stream_ends_with_the_streams_own_ending_else_the_generic_error() -> None:
+    own = b'event: response.failed\ndata: {"type": "response.failed"}\n\n'
+    assert await _drained(b"data: {}\n\n", lambda message: own) == b"data: {}\n\n" + own
+    generic = await _drained(b"data: {}\n\n", lambda message: None)  # nothing of its answer went out yet
+    assert (
+        json.loads(generic.removeprefix(b"data: {}\n\ndata: "))["error"]
+        == ServerShuttingDown(SHUTDOWN_MESSAGE).body()["error"]
+    )
+    half = await _drained(b'data: {"a":', None)  # an event the stream had not finished is closed first
+    assert half.startswith(b'data: {"a":\n\ndata: {"error": ')
+
+
+def _named(event: dict[str, Any]) -> bytes:
+    return f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode()
+
+
+@pytest.mark.anyio
+async def test_a_shutdown_ends_a_stream_as_its_dialect_fails_one_from_what_was_released() -> None:
+    judge = GatedJudge()
+    response = {"id": "r1", "object": "response", "status": "in_progress", "output": []}
+    delta = {"type": "response.output_text.delta", "item_id": "m1", "output_index": 0, "content_index": 0}
+    events = [
+        {"type": "response.created", "response": response, "sequence_number": 0},
+        {**delta, "delta": SENTENCES[0], "sequence_number": 1},  # closes the first window
+        {"type": "response.in_progress", "response": {**response, "note": UNSAFE}, "sequence_number": 2},
+    ]
+    stalled = asyncio.Event()
+
+    async def upstream() -> AsyncIterator[bytes]:  # three events, then nothing more: the shutdown comes first
+        for event in events:
+            yield _named(event)
+        stalled.set()
+        await asyncio.Event().wait()
+
+    screen = WindowedScreen(RESPONSES, StreamSettings(first_window_chars=16), judge, decision_id="d" * 32)
+    out = screen.run(sse_events(upstream()))
+    first = asyncio.ensure_future(anext(out))
+    await until(lambda: stalled.is_set() and len(judge.gates) == 1)
+    assert screen.stop_event("Stopping.") is None  # nothing went out yet: the generic error event ends it
+    judge.open(0)
+    assert await first == _named(events[0]) + _named(events[1])
+    ending = screen.stop_event("Stopping.")
+    assert ending is not None and UNSAFE not in ending.decode()  # the held event's response is never shown
+    assert ending.startswith(b"event: response.failed\ndata: ") and ending.endswith(b"\n\n")
+    failed = json.loads(ending.removeprefix(b"event: response.failed\ndata: "))
+    assert failed["response"]["id"] == "r1" and failed["response"]["status"] == "failed"
+    assert failed["response"]["error"] == {"code": "server_error", "message": "Stopping.", "decision_id": "d" * 32}
+    assert failed["sequence_number"] == 3
+    await cast(AsyncGenerator[bytes, None], out).aclose()  # run() is an async generator

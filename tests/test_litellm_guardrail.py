@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from rsafe_proxy.apis.guardrail import PATH
+from rsafe_proxy.errors import ContentTooLong
 from rsafe_proxy.policy.loading import load_policy
 from tests.conftest import MakeProxy
 from tests.doubles import UNSAFE, ScriptedGuard
@@ -80,6 +81,22 @@ def test_a_guard_that_is_down_blocks_by_default(make_proxy: MakeProxy) -> None:
     response = check(proxy, {"input_type": "request", "texts": ["hello"]})
     failed = {"action": "BLOCKED", "blocked_reason": DEFAULT.messages.guard_error, "code": "guard_unavailable"}
     assert response.json() == {**failed, "categories": []}
+
+
+def test_a_text_too_long_to_judge_is_blocked_with_the_proxys_413_code(
+    make_proxy: MakeProxy, guard: ScriptedGuard
+) -> None:
+    # the proxy answers such a prompt 413 content_too_long; LiteLLM reads an action, and RSafe's guardrail
+    # raises the error that code names (adapters/litellm: ContentTooLong, 413)
+    proxy = make_proxy(guard={"segment_chars": 1000, "max_segments": 3})
+    long_text = " ".join(["alpha bravo charlie"] * 300)  # about 6,000 characters: more than 3 segments
+    response = check(proxy, {"input_type": "request", "texts": [long_text]})
+    assert response.status_code == 200
+    verdict = response.json()
+    assert verdict["action"] == "BLOCKED" and verdict["categories"] == []
+    assert verdict["code"] == ContentTooLong.code == "content_too_long" and ContentTooLong.status == 413
+    assert verdict["blocked_reason"].startswith("The content is too long to screen")
+    assert guard.calls == []  # refused before any guard call: nothing of it was judged
 
 
 def test_the_tenant_comes_from_litellms_api_key_header(make_proxy: MakeProxy, tmp_path: Path) -> None:

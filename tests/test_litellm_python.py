@@ -1,8 +1,8 @@
 """The Python guardrail (adapters/litellm/rsafe_guardrail.py) in the real LiteLLM proxy, started with
 examples/litellm/python-guardrail.yaml, in front of a fake upstream, with a real RSafe Proxy and a scripted guard
 behind it; seen through the OpenAI SDK. The proxy's contract inside LiteLLM: a blocked prompt is a 400
-`content_filter`, a failed guard a 503 `guard_unavailable`, a stopped answer a 200 with the policy's message, and
-a stream is held back in the proxy's own windows."""
+`content_filter`, a failed guard a 503 `guard_unavailable`, a prompt too long to judge a 413 `content_too_long`, a
+stopped answer a 200 with the policy's message, and a stream is held back in the proxy's own windows."""
 
 from __future__ import annotations
 
@@ -99,6 +99,19 @@ def test_a_proxy_that_cannot_be_reached_is_a_503_guard_unavailable(upstream: Fak
         text, finish = streamed_text(url, "hello")  # the prompt's screen fails before any byte is sent
     assert text.startswith("[error: Error code: 503")
     assert finish == []
+    assert upstream.calls("/v1/chat/completions") == []
+
+
+def test_a_prompt_too_long_to_judge_is_the_proxys_413_content_too_long(
+    make_proxy: MakeProxy, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    proxy = make_proxy(tenants=[tenant()], guard={"segment_chars": 1000, "max_segments": 3})
+    with (
+        running_litellm(example(CONFIG, tmp_path), proxy.url, upstream) as url,
+        pytest.raises(openai.APIStatusError) as refused,
+    ):
+        ask(url, " ".join(["alpha bravo charlie"] * 300))  # about 6,000 characters: more than 3 segments
+    assert (refused.value.status_code, refused.value.code) == (413, "content_too_long")
     assert upstream.calls("/v1/chat/completions") == []
 
 

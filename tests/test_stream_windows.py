@@ -198,6 +198,14 @@ async def test_windows_grow_from_about_a_sentence_to_the_largest() -> None:
     assert all(text.endswith(". ") for text in judge.judged)
 
 
+async def test_the_screen_keeps_each_choices_text_as_the_window_plans_choice_text() -> None:
+    # one home for the per-choice window text: the LiteLLM adapter keeps its choices in the same class
+    screen = screened(GatedJudge(auto=True))
+    await _all(screen.run(sse_events(chat_upstream(SENTENCES[:3]).stream())))
+    assert [type(choice) for choice in screen.choices.values()] == [ChoiceText]
+    assert screen.choices[0].closed == "".join(SENTENCES[:3]) and screen.choices[0].size == 0
+
+
 async def _all(stream: AsyncIterator[bytes]) -> bytes:
     return b"".join([out async for out in stream])
 

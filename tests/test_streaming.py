@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import pytest
 
-from rsafe_proxy.apis import CHAT, COMPLETIONS, Dialect
+from rsafe_proxy.apis import CHAT, COMPLETIONS, RESPONSES, Dialect
 from rsafe_proxy.apis.choices import DONE
 from rsafe_proxy.guard.protocol import Side
 from rsafe_proxy.policy.decide import Decision, Outcome
@@ -263,6 +263,20 @@ async def test_a_stream_without_done_still_ends_with_done() -> None:
     out = b"".join([o async for o in screen(judge, StreamMode.CHUNKED).run(sse_events(feed(*map(chunk, WORDS[:2]))))])
     assert out.endswith(DONE)
     assert text_of(out) == "".join(WORDS[:2])
+
+
+async def test_an_event_goes_out_as_received_only_under_the_name_its_dialect_gives_it() -> None:
+    judge = Judge()
+    done = {"type": "response.completed", "response": {"id": "r", "object": "response", "output": []}}
+    named = b"event: response.completed\ndata: " + json.dumps({**done, "sequence_number": 3}).encode() + b"\n\n"
+    out = b"".join([o async for o in WindowedScreen(RESPONSES, StreamSettings(), judge).run(sse_events(feed(named)))])
+    assert out == named  # the Responses API names its events by their type: the bytes go out as they came
+    # a chunk under a name, even its own `type`: chunks are sent unnamed (a `thread.` name changes what the SDK yields)
+    typed = {**json.loads(chunk("Hi")[len(b"data: ") :]), "type": "x"}
+    stray = b"event: x\ndata: " + json.dumps(typed).encode() + b"\n\n"
+    out = b"".join([o async for o in screen(judge, StreamMode.CHUNKED).run(sse_events(feed(stray, DONE)))])
+    assert out.startswith(b"data: ") and b"event:" not in out
+    assert text_of(out) == "Hi"
 
 
 # -- the modes end to end ---------------------------------------------------------------------------------------

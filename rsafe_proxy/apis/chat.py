@@ -12,6 +12,8 @@ from rsafe_proxy.apis import fields
 from rsafe_proxy.apis.choices import ChoicesAnswers, choice_index, chunk_base
 from rsafe_proxy.apis.dialect import Validated
 from rsafe_proxy.apis.messages import MAX_CHOICES, ContentPart, Open, invalid, message_text, turn_text
+from rsafe_proxy.bodies import encode_json, parse_json
+from rsafe_proxy.errors import InvalidRequest
 from rsafe_proxy.guard.conversation import Turn
 
 # Where a chat request keeps the text read as its turns.
@@ -127,6 +129,17 @@ class ChatDialect(ChoicesAnswers):
             for position, raw in enumerate(new["messages"])
         ]
         return new
+
+    def stored_body(self, method: str, body: bytes) -> bytes:
+        """A stored completion's update (POST), as the upstream receives it: its `metadata` re-encoded and nothing
+        else, so that no prompt can ride on it unjudged (an upstream that read it as a create would find none);
+        no body for a fetch."""
+        if method != "POST":
+            return b""
+        update = parse_json(body)
+        if extra := set(update) - {"metadata"}:
+            raise InvalidRequest("A stored chat completion's update takes `metadata` only.", param=min(extra))
+        return encode_json({"metadata": update.get("metadata")})
 
     def stopped_choice(self, choice: Any, message: str) -> dict[str, Any]:
         """See stopped_choice."""

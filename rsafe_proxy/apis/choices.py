@@ -34,7 +34,7 @@ def read_extras(answer: dict[str, Any], streamed: bool = False) -> channels.Read
 def without_extras(answer: dict[str, Any]) -> dict[str, Any]:
     """The answer with only its metadata and choices: what remains when the choice its extras were judged
     with is replaced."""
-    return {key: value for key, value in answer.items() if key == "choices" or key in channels.METADATA}
+    return {key: value for key, value in answer.items() if key == "choices" or channels.is_metadata(key, value)}
 
 
 def choice_text(choice: dict[str, Any]) -> str:
@@ -81,6 +81,18 @@ def chunk_texts(data: dict[str, Any]) -> EventTexts:
     return EventTexts(texts, tuple(unjudged), rebuilt)
 
 
+def listed_answers(value: Any) -> list[Any] | None:
+    """The items of an OpenAI list object (`object: "list"`, its items in `data`), or None for any other value."""
+    if isinstance(value, dict) and value.get("object") == "list" and isinstance(value.get("data"), list):
+        return list(value["data"])
+    return None
+
+
+def with_listed(value: dict[str, Any], items: list[dict[str, Any]]) -> dict[str, Any]:
+    """The list object `value` holding `items` in its `data`."""
+    return {**value, "data": items}
+
+
 def choices_of(data: dict[str, Any]) -> tuple[set[int], set[int]]:
     """The indices of an event's choices, and of those it finishes (a finish_reason)."""
     listed = data.get("choices")
@@ -102,7 +114,6 @@ class ChoicesAnswers(ABC):
     and the chunk that stops a stream look like."""
 
     end_marker = DONE
-    numbered = False
     strict_end = False
 
     @abstractmethod
@@ -121,6 +132,18 @@ class ChoicesAnswers(ABC):
         if not isinstance(value, dict) or not isinstance(value.get("choices"), list):
             raise UpstreamUnavailable("The upstream model sent an answer the proxy cannot read.")
         return value
+
+    def stored_answers(self, value: Any) -> list[Any] | None:
+        """The items of a page of stored answers (see listed_answers)."""
+        return listed_answers(value)
+
+    def with_answers(self, value: dict[str, Any], answers: list[dict[str, Any]]) -> dict[str, Any]:
+        """The page holding `answers` (see with_listed)."""
+        return with_listed(value, answers)
+
+    def stored_body(self, method: str, body: bytes) -> bytes:
+        """No body: no operation on stored answers of these APIs takes one, unless a subclass says so."""
+        return b""
 
     def read_answer(self, answer: dict[str, Any]) -> AnswerTexts:
         """One text per choice (a provider's fields beside the choices judged with the first), and the paths of
@@ -184,6 +207,18 @@ class ChoicesAnswers(ABC):
         """The failure's error body, as an event (the SDKs raise it)."""
         body = failure.body()
         return [{**body, "error": {**body["error"], **known}}]
+
+    def event_name(self, data: dict[str, Any]) -> str | None:
+        """None: chunks are sent as unnamed events."""
+        return None
+
+    def sequence_of(self, data: dict[str, Any]) -> int | None:
+        """None: chunks are not numbered."""
+        return None
+
+    def numbered(self, data: dict[str, Any], number: int) -> dict[str, Any]:
+        """The chunk as it is (chunks are not numbered)."""
+        return data
 
 
 def chunk_base(template: dict[str, Any]) -> dict[str, Any]:

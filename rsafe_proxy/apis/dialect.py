@@ -73,11 +73,9 @@ class Dialect(Protocol[RequestT]):
     # the route kind (`rsafe.request.kind`) and the GenAI operation its upstream call is traced as
     name: str
     operation: str
-    # the bytes that end its streams ([DONE]; nothing where the last event ends them), whether the proxy's own
-    # events continue the upstream's `sequence_number`, and whether a stream is cut short unless its final
-    # event came (see ends_stream)
+    # the bytes that end its streams ([DONE]; nothing where the last event ends them), and whether a stream is
+    # cut short unless its final event came (see ends_stream)
     end_marker: bytes
-    numbered: bool
     strict_end: bool
 
     # -- request side ---------------------------------------------------------------------------------------
@@ -99,6 +97,16 @@ class Dialect(Protocol[RequestT]):
 
     def answer(self, value: Any) -> dict[str, Any]:
         """A generated answer the proxy can screen, else UpstreamUnavailable."""
+
+    def stored_answers(self, value: Any) -> list[Any] | None:
+        """The answers in a list of stored answers (one page of them), or None when `value` is no such list."""
+
+    def with_answers(self, value: dict[str, Any], answers: list[dict[str, Any]]) -> dict[str, Any]:
+        """The list of stored answers `value` (see stored_answers) holding `answers` instead."""
+
+    def stored_body(self, method: str, body: bytes) -> bytes:
+        """The body an operation on stored answers sends upstream (InvalidRequest for one it may not send): only
+        what the operation takes, so that no prompt rides on it unjudged."""
 
     def read_answer(self, answer: dict[str, Any]) -> AnswerTexts:
         """Every channel of the answer, by position (UpstreamUnavailable for more choices than one may ask)."""
@@ -134,3 +142,13 @@ class Dialect(Protocol[RequestT]):
     ) -> list[dict[str, Any]]:
         """The events that end a stream the upstream broke off with `failure`: an error the SDKs raise, its
         error object carrying `known` (the decision id) too."""
+
+    def event_name(self, data: dict[str, Any]) -> str | None:
+        """The SSE event name an event is sent under (its `event:` line), or None for an unnamed event."""
+
+    def sequence_of(self, data: dict[str, Any]) -> int | None:
+        """The number an event carries in its stream, where the dialect numbers its events; else None."""
+
+    def numbered(self, data: dict[str, Any], number: int) -> dict[str, Any]:
+        """The proxy's own event `data` as number `number` of its stream (the same event where the dialect
+        numbers none)."""

@@ -146,7 +146,6 @@ class ResponsesDialect:
     name = "responses"
     operation = "chat"
     end_marker = b""
-    numbered = True
     strict_end = True
 
     # -- request side ---------------------------------------------------------------------------------------
@@ -174,6 +173,18 @@ class ResponsesDialect:
         if not isinstance(value, dict) or not isinstance(value.get("output"), list):
             raise UpstreamUnavailable("The upstream model sent an answer the proxy cannot read.")
         return value
+
+    def stored_answers(self, value: Any) -> list[Any] | None:
+        """The items of a list of stored responses, read as any OpenAI list is (see choices.listed_answers)."""
+        return choices.listed_answers(value)
+
+    def with_answers(self, value: dict[str, Any], answers: list[dict[str, Any]]) -> dict[str, Any]:
+        """The list holding `answers` (see choices.with_listed)."""
+        return choices.with_listed(value, answers)
+
+    def stored_body(self, method: str, body: bytes) -> bytes:
+        """No body: a fetch and a cancel take none, so none is sent."""
+        return b""
 
     def read_answer(self, answer: dict[str, Any]) -> AnswerTexts:
         """The whole output as one text (see responses_output.read_answer)."""
@@ -218,6 +229,20 @@ class ResponsesDialect:
         """The response, failed with a server_error carrying the failure's message."""
         error = {"code": "server_error", "message": failure.message, **known}
         return responses_output.failed_events(template, error)
+
+    def event_name(self, data: dict[str, Any]) -> str | None:
+        """Its `type`: the Responses API names each event so."""
+        name = data.get("type")
+        return name if isinstance(name, str) else None
+
+    def sequence_of(self, data: dict[str, Any]) -> int | None:
+        """Its `sequence_number`."""
+        number = data.get("sequence_number")
+        return number if isinstance(number, int) and not isinstance(number, bool) else None
+
+    def numbered(self, data: dict[str, Any], number: int) -> dict[str, Any]:
+        """The event with `number` as its `sequence_number`."""
+        return {**data, "sequence_number": number}
 
 
 RESPONSES = ResponsesDialect()

@@ -1,5 +1,6 @@
-"""The per-request telemetry context: W3C trace context in and out, the decision id, and the time a request
-spends waiting on others (the guard, the upstream, the client), which the proxy's own overhead excludes.
+"""The per-request telemetry context: the decision id, and the time a request spends waiting on others (the
+guard, the upstream, the client), which the proxy's own overhead excludes. The W3C trace context in and out is
+rsafe_proxy.tracecontext.
 
 Everything here lives in the OpenTelemetry context of one request (a contextvar, copied into the tasks the
 request starts), never at module level."""
@@ -7,7 +8,7 @@ request starts), never at module level."""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping, MutableMapping
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -15,13 +16,9 @@ from typing import Any, TypeVar
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from rsafe_proxy.errors import ProxyError
 
-# traceparent and tracestate only: baggage is the caller's business, not a proxy's to re-issue
-PROPAGATOR = TraceContextTextMapPropagator()
-TRACE_HEADERS = frozenset(PROPAGATOR.fields)
 _RECORD = otel_context.create_key("rsafe.request")
 
 T = TypeVar("T")
@@ -119,16 +116,3 @@ def traced_body(error: ProxyError) -> dict[str, Any]:
     if (identifier := decision_id()) is not None:
         body["error"] = {**body["error"], "decision_id": identifier}
     return body
-
-
-def extract(headers: Mapping[str, str]) -> Context:
-    """The caller's trace context from its `traceparent`/`tracestate` (an empty context when absent or invalid)."""
-    return PROPAGATOR.extract(headers)
-
-
-def inject(headers: MutableMapping[str, str]) -> None:
-    """Set `traceparent`/`tracestate` to the current (the proxy's own) span context, replacing any the caller
-    sent: the next hop's spans hang off the proxy's, not off the caller's."""
-    for name in [name for name in headers if name.lower() in TRACE_HEADERS]:
-        del headers[name]
-    PROPAGATOR.inject(headers)

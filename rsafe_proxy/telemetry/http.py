@@ -14,8 +14,9 @@ from opentelemetry.trace import SpanKind, format_trace_id
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rsafe_proxy.telemetry import Recorder
-from rsafe_proxy.telemetry.context import RequestRecord, extract, with_record
+from rsafe_proxy.telemetry.context import RequestRecord, with_record
 from rsafe_proxy.telemetry.genai import fail
+from rsafe_proxy.tracecontext import extract
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"})
 _SET_HERE = frozenset({b"x-rsafe-decision-id", b"x-rsafe-overhead-ms"})

@@ -18,7 +18,7 @@ from rsafe_proxy.guard.engine import (
     Sampling,
     chat_messages,
 )
-from rsafe_proxy.telemetry.context import inject
+from rsafe_proxy.tracecontext import inject
 
 # How OpenAI (`context_length_exceeded`) and vLLM ("maximum context length", "maximum model length") say that a
 # prompt, or a prompt and its max_tokens, does not fit the model.
