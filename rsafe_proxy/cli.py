@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rsafe_proxy.arguments import at_least_one
+from rsafe_proxy.audit import is_postgres
 from rsafe_proxy.config import Settings, load_settings
-from rsafe_proxy.extras import EMBEDDED, require_engine_extra
+from rsafe_proxy.extras import EMBEDDED, POSTGRES, require_engine_extra
 from rsafe_proxy.guard.protocol import Label, Side
 from rsafe_proxy.logs import LOG_FORMATS
 from rsafe_proxy.logs import configure as configure_logs
@@ -61,6 +62,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     configure_logs(args.log_format, args.log_level)
     settings = _settings(args)
     require_engine_extra(settings.guard.engine_name())  # before the port and the workers: one line, no traceback
+    if settings.audit.enabled and is_postgres(settings.audit.url or ""):
+        POSTGRES.require("audit.url (a PostgreSQL audit log)")
     host = args.host or settings.server.host
     port = args.port if args.port is not None else settings.server.port
     workers = args.workers if args.workers is not None else settings.server.workers

