@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from rsafe_proxy.config import Settings
 from rsafe_proxy.console.routes import Console
@@ -15,10 +15,24 @@ from rsafe_proxy.middleware import BodyLimit, BodyTimeout, ErrorBoundary, last_r
 from rsafe_proxy.paths import CanonicalPath
 from rsafe_proxy.policy.store import PolicyStore
 from rsafe_proxy.policy.tenancy import policy_paths
-from rsafe_proxy.routes import ROUTES, carries_key
+from rsafe_proxy.routes import ROUTES, TENANCY, carries_key
 from rsafe_proxy.runtime import Runtime
 from rsafe_proxy.telemetry import Recorder
 from rsafe_proxy.telemetry.http import TraceRequests
+
+
+class TenancySnapshot:
+    """Reads the live tenancy (tenants and policies) once per HTTP request and puts it in the scope (routes.TENANCY):
+    the key check on the query and the route read that one snapshot, even where a reload swaps it between them."""
+
+    def __init__(self, app: ASGIApp, runtime: Callable[[], Runtime | None]) -> None:
+        self.app = app
+        self.runtime = runtime
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and (runtime := self.runtime()) is not None:
+            scope[TENANCY] = runtime.tenancy
+        await self.app(scope, receive, send)
 
 
 def build_app(settings: Settings) -> ASGIApp:
@@ -35,13 +49,17 @@ def build_app(settings: Settings) -> ASGIApp:
         finally:
             await runtime.close()
 
-    def recorder() -> Recorder | None:
+    def live() -> Runtime | None:
         runtime: Runtime | None = getattr(proxy.state, "runtime", None)
+        return runtime
+
+    def recorder() -> Recorder | None:
+        runtime = live()
         return runtime.recorder if runtime is not None else None
 
-    def proxy_key(value: str) -> bool:
-        runtime = getattr(proxy.state, "runtime", None)
-        return runtime is not None and carries_key(runtime, value)
+    def proxy_key(scope: Scope, value: str) -> bool:
+        runtime = live()
+        return runtime is not None and TENANCY in scope and carries_key(runtime, scope[TENANCY], value)
 
     # the console's pages go before the proxy's catch-all routes; off, /console is an unknown path like any other
     routes = [*Console(settings.console).routes, *ROUTES] if settings.console.enabled else ROUTES
@@ -50,7 +68,9 @@ def build_app(settings: Settings) -> ASGIApp:
         lifespan=lifespan,
         exception_handlers={Exception: last_resort},  # what escapes even ErrorBoundary (TraceRequests) is JSON
         middleware=[
-            # outermost: every request, refused ones included, has its server span and decision id
+            # first: one tenancy snapshot for the whole request (a reload may swap the live one at any await)
+            Middleware(TenancySnapshot, runtime=live),
+            # outermost after it: every request, refused ones included, has its server span and decision id
             Middleware(TraceRequests, recorder=recorder),
             Middleware(ErrorBoundary),  # outermost: whatever fails below is answered as an OpenAI-style error
             # before anything reads the path: routing and the upstream URL see only its canonical form, and no

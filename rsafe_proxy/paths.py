@@ -118,7 +118,7 @@ def without_credentials(query: bytes, is_secret: Callable[[str], bool]) -> bytes
     return query if len(kept) == len(parts) else b"&".join(kept)
 
 
-def _never_secret(value: str) -> bool:
+def _never_secret(scope: Scope, value: str) -> bool:
     return False
 
 
@@ -127,7 +127,7 @@ class CanonicalPath:
     and removes credentials from scope['query_string']. The scope is changed in place, on purpose: the server
     logs the request from this same dict."""
 
-    def __init__(self, app: ASGIApp, is_secret: Callable[[str], bool] = _never_secret) -> None:
+    def __init__(self, app: ASGIApp, is_secret: Callable[[Scope, str], bool] = _never_secret) -> None:
         self.app = app
         self.is_secret = is_secret
 
@@ -135,7 +135,8 @@ class CanonicalPath:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        scope["query_string"] = without_credentials(scope.get("query_string", b""), self.is_secret)
+        query = scope.get("query_string", b"")
+        scope["query_string"] = without_credentials(query, lambda value: self.is_secret(scope, value))
         raw = scope.get("raw_path")
         if raw is None:  # a server that gives only the decoded path: its own spelling is all there is
             raw = quote(scope["path"], safe=_SAFE_IN_QUOTE).encode("ascii")

@@ -43,10 +43,13 @@ async def _upstream_error(response: httpx.Response) -> bool:
     raise UpstreamUnavailable(f"The upstream model answered with HTTP {response.status_code}, not with an answer.")
 
 
-async def _read_events(events: AsyncIterator[Event], reading: AnswerReading) -> AsyncIterator[Event]:
-    """`events`, what each says about the answer (model, usage, finish reasons) taken into `reading`."""
+async def _read_events(
+    events: AsyncIterator[Event], dialect: Dialect[Any], reading: AnswerReading
+) -> AsyncIterator[Event]:
+    """`events`, what each says about the answer (model, usage, finish reasons, as `dialect` reads it) taken into
+    `reading`."""
     async for event in events:
-        reading.read(event.data)
+        reading.read(dialect.facts(event.data))
         yield event
 
 
@@ -131,7 +134,7 @@ class Pipeline:
         value = read_json(raw) if response.status_code == 200 else None
         if upstream_call is not None:
             reading = AnswerReading()
-            reading.read(value)
+            reading.read(state.dialect.facts(value))
             upstream_call.done(reading)
         return raw, value
 
@@ -353,7 +356,8 @@ class Pipeline:
         reading = AnswerReading()
         upstream_call = state.opened.pop(id(response), None)
         try:
-            async for chunk in windowed.run(_read_events(sse_events(waited(Upstream.chunks(response))), reading)):
+            events = sse_events(waited(Upstream.chunks(response)))
+            async for chunk in windowed.run(_read_events(events, state.dialect, reading)):
                 yield chunk
         finally:
             await response.aclose()
@@ -363,4 +367,6 @@ class Pipeline:
             self.screens.unjudged(state, tuple(windowed.stripped))
             if windowed.failure is not None:  # the client got the screened text, then an error event
                 state.span.set_attribute("rsafe.stream.upstream_error", str(windowed.failure.code))
+            if windowed.refused is not None:  # the answer outgrew its buffer: none of it was judged or sent
+                state.span.set_attribute("rsafe.stream.refused", str(windowed.refused.code))
             self._end(state)

@@ -12,6 +12,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import Scope
 
 from rsafe_proxy.apis import CHAT, COMPLETIONS, RESPONSES, guardrail
 from rsafe_proxy.calls import Call, Reply, StreamReply
@@ -21,6 +22,7 @@ from rsafe_proxy.errors import InvalidRequest, NotFound, ProxyError, ServerShutt
 from rsafe_proxy.paths import pattern_matches
 from rsafe_proxy.pipeline import Pipeline
 from rsafe_proxy.policy.schema import Policy
+from rsafe_proxy.policy.tenancy import Tenancy
 from rsafe_proxy.policy.tenants import KeyRing, Tenant, bearer_token, configured_digests
 from rsafe_proxy.runtime import Runtime
 from rsafe_proxy.telemetry.context import note_tenant, traced_body
@@ -77,10 +79,22 @@ def _console_keys(runtime: Runtime) -> KeyRing:
     return ConsoleKeys.read(console, os.environ).ring if console.enabled else KeyRing(())
 
 
-def carries_key(runtime: Runtime, value: str) -> bool:
-    """True when `value` (a header or query value) carries a proxy key, an admin key or a console key anywhere."""
+# Where the outermost middleware (app.TenancySnapshot) puts the tenancy a request reads, in its ASGI scope.
+TENANCY = "rsafe.tenancy"
+
+
+def request_tenancy(scope: Scope, runtime: Runtime) -> Tenancy:
+    """The tenancy a request reads, all of it the same snapshot (scope[TENANCY]) whatever a reload swaps in
+    meanwhile; the live one where no middleware put one there."""
+    tenancy: Tenancy | None = scope.get(TENANCY)
+    return tenancy if tenancy is not None else runtime.tenancy
+
+
+def carries_key(runtime: Runtime, tenancy: Tenancy, value: str) -> bool:
+    """True when `value` (a header or query value) carries a proxy key (of `tenancy`), an admin key or a console
+    key anywhere."""
     return (
-        runtime.tenancy.directory.keys.carried_by(value)
+        tenancy.directory.keys.carried_by(value)
         or _admin_keys(runtime).carried_by(value)
         or _console_keys(runtime).carried_by(value)
     )
@@ -108,7 +122,7 @@ def _forwardable(request: Request, tenant: Tenant, rings: tuple[KeyRing, ...]) -
 
 async def _call(request: Request) -> Call:
     runtime = _runtime(request)
-    tenancy = runtime.tenancy  # read once: a reload swaps it, and this request keeps the one it started with
+    tenancy = request_tenancy(request.scope, runtime)  # the snapshot this request started with (see TENANCY)
     tenants = tenancy.directory
     authorization = _one(request, "authorization")
     if authorization is None and request.scope["path"] == guardrail.PATH and (key := _one(request, "x-api-key")):

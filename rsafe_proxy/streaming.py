@@ -19,7 +19,7 @@ from typing import Any
 from rsafe_proxy.apis.dialect import Dialect, EventReader, EventTexts
 from rsafe_proxy.apis.messages import MAX_CHOICES
 from rsafe_proxy.bodies import read_json
-from rsafe_proxy.errors import ProxyError, ServerShuttingDown, UpstreamUnavailable
+from rsafe_proxy.errors import ContentTooLong, ProxyError, ServerShuttingDown, UpstreamUnavailable
 from rsafe_proxy.policy.decide import Decision
 from rsafe_proxy.policy.schema import StreamMode, StreamSettings
 from rsafe_proxy.windowplan import ChoiceText, WindowPlan
@@ -176,6 +176,8 @@ class WindowedScreen:
     Every string of an event is judged (see channels.read); payloads the guard cannot read (audio data, images)
     are stripped, or, when `unjudged` is a decision, cut the stream with it. A stream the upstream breaks off
     (`failure`) still ends cleanly: pending text is judged, and the client gets an error event, not [DONE].
+    In buffer mode an answer over `settings.max_held_bytes` is not held further: the stream ends with an error
+    event (ContentTooLong, kept as `refused`) and none of the answer, as the guard has judged none of it.
     `decision_id` (the request's, as in the `x-rsafe-decision-id` header) is put in the event that ends a stopped
     stream, as its top-level `decision_id` (the SDKs keep fields they do not know), and in the error object of an
     error ending (`error.decision_id`, as in every error body): a client that logs events, not headers, can still
@@ -191,6 +193,7 @@ class WindowedScreen:
     windows: int = 0  # windows judged (telemetry)
     stripped: list[str] = field(default_factory=list)
     failure: ProxyError | None = None
+    refused: ProxyError | None = None  # why the proxy ended the stream itself, unjudged (a buffer over its cap)
     reader: EventReader = field(init=False)
     _ended: bool = False
     _finished: set[int] = field(default_factory=set)
@@ -322,10 +325,11 @@ class WindowedScreen:
         return b"".join(self._numbered(event) for event in events)
 
     def _ending(self) -> bytes:
-        """The end of the stream: the dialect's end marker, or, after an upstream failure, an error the SDKs raise."""
-        if self.failure is not None:
+        """The end of the stream: the dialect's end marker, or, after an upstream failure or a refusal, an error
+        the SDKs raise."""
+        if (error := self.refused or self.failure) is not None:
             known = {} if self.decision_id is None else {"decision_id": self.decision_id}
-            events = self.dialect.failed_events(self.template, self.failure, known)
+            events = self.dialect.failed_events(self.template, error, known)
             return b"".join(self._numbered(event) for event in events)
         return self.dialect.end_marker
 
@@ -361,7 +365,8 @@ class WindowedScreen:
 
     async def _fill(self, events: AsyncIterator[Event], room: _Room) -> None:
         """Read the upstream into windows, each judged as soon as it closes, never waiting for a verdict unless
-        the room is full; the last window ends the stream (with the cut an unjudged payload makes, or an error)."""
+        the room is full; the last window ends the stream (with the cut an unjudged payload makes, or an error;
+        a buffer over its cap is refused)."""
         held: list[bytes] = []
         size = 0
         try:
@@ -378,6 +383,13 @@ class WindowedScreen:
                     if raw:
                         held.append(raw)
                         size += len(raw)
+                    if size > self.settings.max_held_bytes and self.settings.mode is StreamMode.BUFFER:
+                        self.refused = ContentTooLong(
+                            f"The answer is longer than the {self.settings.max_held_bytes} bytes a buffered stream "
+                            "may hold for its verdict (stream.max_held_bytes); none of it was sent."
+                        )
+                        room.add(_Window([], 0, _settled(), last=True))  # the held text is dropped, unjudged
+                        return
                     chunked = self.settings.mode is StreamMode.CHUNKED
                     if self._closes(texts) or (chunked and room.full(size)):
                         room.add(self._closing(held, size))

@@ -3,6 +3,7 @@ a rewritten message, and the choices of its answers and chunks."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import pydantic
@@ -10,7 +11,7 @@ from pydantic import Field
 
 from rsafe_proxy.apis import fields
 from rsafe_proxy.apis.choices import ChoicesAnswers, choice_index, chunk_base
-from rsafe_proxy.apis.dialect import Validated
+from rsafe_proxy.apis.dialect import AnswerFacts, Validated, answer_facts
 from rsafe_proxy.apis.messages import MAX_CHOICES, ContentPart, Open, invalid, message_text, turn_text
 from rsafe_proxy.bodies import encode_json, parse_json
 from rsafe_proxy.errors import InvalidRequest
@@ -103,6 +104,18 @@ def final_chunk(template: dict[str, Any], index: int, message: str) -> dict[str,
     return {**chunk_base(template), "object": "chat.completion.chunk", "choices": [choice]}
 
 
+def facts(value: Any) -> AnswerFacts:
+    """What a chat (or completions) answer or chunk tells about itself: its finish reasons are its choices'."""
+    if not isinstance(value, Mapping):
+        return AnswerFacts()
+    reasons = tuple(
+        choice["finish_reason"]
+        for choice in value.get("choices") or ()
+        if isinstance(choice, Mapping) and isinstance(choice.get("finish_reason"), str)
+    )
+    return answer_facts(value, reasons)
+
+
 class ChatDialect(ChoicesAnswers):
     """The chat completions API."""
 
@@ -140,6 +153,10 @@ class ChatDialect(ChoicesAnswers):
         if extra := set(update) - {"metadata"}:
             raise InvalidRequest("A stored chat completion's update takes `metadata` only.", param=min(extra))
         return encode_json({"metadata": update.get("metadata")})
+
+    def facts(self, value: Any) -> AnswerFacts:
+        """See facts."""
+        return facts(value)
 
     def stopped_choice(self, choice: Any, message: str) -> dict[str, Any]:
         """See stopped_choice."""

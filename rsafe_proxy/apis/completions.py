@@ -10,7 +10,7 @@ from pydantic import Field
 
 from rsafe_proxy.apis import chat, fields
 from rsafe_proxy.apis.choices import ChoicesAnswers, choice_index, chunk_base
-from rsafe_proxy.apis.dialect import Validated
+from rsafe_proxy.apis.dialect import AnswerFacts, Validated
 from rsafe_proxy.apis.messages import MAX_CHOICES, Open, invalid
 from rsafe_proxy.errors import InvalidRequest
 from rsafe_proxy.guard.conversation import Turn
@@ -75,6 +75,10 @@ class CompletionsDialect(ChoicesAnswers):
         new = fields.rewrite_base(_TURN_KEYS, body, judged)
         new["prompt"] = instruction
         return new
+
+    def facts(self, value: Any) -> AnswerFacts:
+        """As in chat: its finish reasons are its choices'."""
+        return chat.facts(value)
 
     def stopped_choice(self, choice: Any, message: str) -> dict[str, Any]:
         """A completion choice that carries only the policy's message and finish_reason content_filter."""

@@ -60,6 +60,45 @@ class EventTexts:
     value: dict[str, Any] | None
 
 
+@dataclass(frozen=True)
+class AnswerFacts:
+    """What an answer, or one event of a streamed one, says about itself (for telemetry): the model that
+    answered, the answer's id, token counts, and the finish reasons it gives (each None or empty where it says
+    nothing of it)."""
+
+    model: str | None = None
+    response_id: str | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    finish_reasons: tuple[str, ...] = ()
+
+
+# Token counts by the names either API gives them in `usage` (a later name wins over an earlier one).
+_USAGE_KEYS = (
+    ("prompt_tokens", "input_tokens"),
+    ("input_tokens", "input_tokens"),
+    ("completion_tokens", "output_tokens"),
+    ("output_tokens", "output_tokens"),
+)
+
+
+def answer_facts(value: Mapping[str, Any], finish_reasons: tuple[str, ...]) -> AnswerFacts:
+    """The facts of an answer object (`model`, `id`, `usage`, as both APIs name them) with `finish_reasons`."""
+    model, identifier, usage = value.get("model"), value.get("id"), value.get("usage")
+    counts: dict[str, int] = {}
+    if isinstance(usage, Mapping):
+        for key, name in _USAGE_KEYS:
+            if isinstance(count := usage.get(key), int) and not isinstance(count, bool):
+                counts[name] = count
+    return AnswerFacts(
+        model=model if isinstance(model, str) else None,
+        response_id=identifier if isinstance(identifier, str) else None,
+        input_tokens=counts.get("input_tokens"),
+        output_tokens=counts.get("output_tokens"),
+        finish_reasons=finish_reasons,
+    )
+
+
 class EventReader(Protocol):
     """Reads the events of one stream in order (a dialect may need what earlier events said)."""
 
@@ -114,6 +153,10 @@ class Dialect(Protocol[RequestT]):
     def replaced(self, answer: dict[str, Any], reading: AnswerTexts, stops: Mapping[int, str]) -> dict[str, Any]:
         """The answer as stripped in `reading`, each position in `stops` replaced by its message (nothing of
         what it replaces survives)."""
+
+    def facts(self, value: Any) -> AnswerFacts:
+        """What `value` (an answer, or one event of a streamed one; anything else says nothing) tells about the
+        answer: model, id, usage, finish reasons (see AnswerFacts)."""
 
     # -- stream side ----------------------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ from typing import Any
 import pydantic
 
 from rsafe_proxy.apis import choices, fields, responses_output
-from rsafe_proxy.apis.dialect import AnswerTexts, Validated
+from rsafe_proxy.apis.dialect import AnswerFacts, AnswerTexts, Validated, answer_facts
 from rsafe_proxy.apis.messages import ContentPart, Open, invalid, message_text, turn_text
 from rsafe_proxy.apis.responses_output import FINAL_EVENTS, ResponseEventReader
 from rsafe_proxy.errors import ProxyError, UpstreamUnavailable
@@ -139,6 +139,21 @@ def acts_upstream(body: dict[str, Any]) -> bool:
     return hosted or bool(body.get("background")) or body.get("conversation") is not None
 
 
+def facts(value: Any) -> AnswerFacts:
+    """What a response, or a stream event carrying one, tells about itself: its finish reason is why it is
+    incomplete, else its status."""
+    if not isinstance(value, Mapping):
+        return AnswerFacts()
+    if isinstance(inner := value.get("response"), Mapping):  # stream events carry the response
+        value = inner
+    reasons: tuple[str, ...] = ()
+    if value.get("object") == "response" and isinstance(status := value.get("status"), str):
+        details = value.get("incomplete_details")
+        reason = details.get("reason") if isinstance(details, Mapping) else None
+        reasons = (reason if isinstance(reason, str) else status,)
+    return answer_facts(value, reasons)
+
+
 class ResponsesDialect:
     """The Responses API: one output per answer (position 0), streams of typed, numbered events that end with
     their last event."""
@@ -195,6 +210,10 @@ class ResponsesDialect:
     def replaced(self, answer: dict[str, Any], reading: AnswerTexts, stops: Mapping[int, str]) -> dict[str, Any]:
         """The stripped response, or, stopped, the response with its output replaced (see stopped)."""
         return responses_output.stopped(answer, stops[0]) if stops else reading.value
+
+    def facts(self, value: Any) -> AnswerFacts:
+        """See facts."""
+        return facts(value)
 
     # -- stream side ----------------------------------------------------------------------------------------
 

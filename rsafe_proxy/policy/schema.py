@@ -175,9 +175,10 @@ class StreamSettings(_Frozen):
     )
     max_held_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = Field(
         1024 * 1024,
-        description="Bytes of a streamed answer held back awaiting verdicts (chunked mode); at this many the open "
+        description="Bytes of a streamed answer held back awaiting verdicts. Chunked mode: at this many the open "
         "window is judged at once and the proxy stops reading the upstream until some are released. Buffer "
-        "mode holds the whole answer whatever this says.",
+        "mode: an answer over this many bytes is not judged; the stream ends with a content_too_long error "
+        "event and none of the answer is sent.",
     )
 
     @model_validator(mode="after")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -14,6 +13,7 @@ from urllib.parse import urlsplit
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 from prometheus_client import Histogram
 
+from rsafe_proxy.apis.dialect import AnswerFacts
 from rsafe_proxy.guard.engine import GuardEngine, GuardEngineError, GuardOutput, Sampling
 from rsafe_proxy.telemetry.context import waiting
 
@@ -59,38 +59,13 @@ class AnswerReading:
     output_tokens: int | None = None
     finish_reasons: tuple[str, ...] = ()
 
-    def read(self, value: Any) -> None:
-        """Take what `value` (an answer, a stream chunk, or a Responses event) tells."""
-        if not isinstance(value, Mapping):
-            return
-        inner = value.get("response")
-        if isinstance(inner, Mapping):  # Responses stream events carry the response
-            value = inner
-        if isinstance(model := value.get("model"), str):
-            self.model = model
-        if isinstance(identifier := value.get("id"), str):
-            self.response_id = identifier
-        usage = value.get("usage")
-        if isinstance(usage, Mapping):
-            for key, field_name in (
-                ("prompt_tokens", "input_tokens"),
-                ("input_tokens", "input_tokens"),
-                ("completion_tokens", "output_tokens"),
-                ("output_tokens", "output_tokens"),
-            ):
-                if isinstance(count := usage.get(key), int) and not isinstance(count, bool):
-                    setattr(self, field_name, count)
-        reasons = [
-            choice["finish_reason"]
-            for choice in value.get("choices") or ()
-            if isinstance(choice, Mapping) and isinstance(choice.get("finish_reason"), str)
-        ]
-        if value.get("object") == "response" and isinstance(status := value.get("status"), str):
-            details = value.get("incomplete_details")
-            reason = details.get("reason") if isinstance(details, Mapping) else None
-            reasons = [reason if isinstance(reason, str) else status]
-        if reasons:
-            self.finish_reasons = (*self.finish_reasons, *reasons)
+    def read(self, facts: AnswerFacts) -> None:
+        """Take what one answer, chunk or event told (its dialect reads it: see Dialect.facts)."""
+        self.model = facts.model if facts.model is not None else self.model
+        self.response_id = facts.response_id if facts.response_id is not None else self.response_id
+        self.input_tokens = facts.input_tokens if facts.input_tokens is not None else self.input_tokens
+        self.output_tokens = facts.output_tokens if facts.output_tokens is not None else self.output_tokens
+        self.finish_reasons = (*self.finish_reasons, *facts.finish_reasons)
 
     def attributes(self) -> dict[str, Any]:
         """The response attributes of the span."""
