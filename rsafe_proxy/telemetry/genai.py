@@ -7,15 +7,18 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 from prometheus_client import Histogram
 
-from rsafe_proxy.apis.dialect import AnswerFacts
 from rsafe_proxy.guard.engine import GuardEngine, GuardEngineError, GuardOutput, Sampling
 from rsafe_proxy.telemetry.context import waiting
+
+if TYPE_CHECKING:  # a type only: at run time telemetry/ imports no dialect (apis/ reaches telemetry/ through
+    # policy/, paths and middleware, so a run-time import would close a package cycle)
+    from rsafe_proxy.apis.dialect import AnswerFacts
 
 EVALUATION_EVENT = "gen_ai.evaluation.result"
 EVALUATION_NAME = "rsafe.safety"
