@@ -69,15 +69,20 @@ def proxy_env(upstream_port: int, guard_port: int, work: str, upstream_key: str)
 
 @contextmanager
 def process(
-    command: list[str], ready_url: str, env: dict[str, str] | None = None, cwd: str | None = None
+    command: list[str], ready_url: str, env: dict[str, str] | None = None, cwd: str | None = None, timeout: float = 120
 ) -> Iterator[subprocess.Popen[bytes]]:
+    """`command` running, once `ready_url` answers (within `timeout` s); stopped (killed if it must) after."""
     proc = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_ready(ready_url)
+        wait_ready(ready_url, timeout)
         yield proc
     finally:
         proc.terminate()
-        proc.wait(10)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 async def load(url: str, requests: int, concurrency: int, headers: dict[str, str]) -> tuple[list[float], float]:

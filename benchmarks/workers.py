@@ -20,7 +20,6 @@ import os
 import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,7 +32,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from proxy_overhead import free_port, load, proxy_env, wait_ready  # noqa: E402
+from proxy_overhead import free_port, load, process, proxy_env  # noqa: E402
 
 _TICK = os.sysconf("SC_CLK_TCK")
 
@@ -74,23 +73,6 @@ def own_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-@contextmanager
-def started(
-    command: list[str], ready_url: str, env: dict[str, str] | None = None, cwd: str | None = None, timeout: float = 120
-) -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_ready(ready_url, timeout)
-        yield proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 @dataclass(frozen=True)
 class Doubles:
     """The fake upstream and the scripted guard: their ports and pids."""
@@ -109,8 +91,8 @@ def doubles(work: str) -> Iterator[Doubles]:
     python, up, guard = sys.executable, free_port(), free_port()
     script = str(HERE / "doubles_server.py")
     with (
-        started([python, script, "upstream", str(up), "0"], f"http://127.0.0.1:{up}/v1/models", cwd=work) as one,
-        started([python, script, "guard", str(guard), "0"], f"http://127.0.0.1:{guard}/v1/models", cwd=work) as two,
+        process([python, script, "upstream", str(up), "0"], f"http://127.0.0.1:{up}/v1/models", cwd=work) as one,
+        process([python, script, "guard", str(guard), "0"], f"http://127.0.0.1:{guard}/v1/models", cwd=work) as two,
     ):
         yield Doubles(up, guard, (one.pid, two.pid))
 
@@ -163,7 +145,7 @@ def measure(workers: int, requests: int, concurrency: int, doubled: Doubles, wor
     env["RSAFE_STATE_DIR"] = os.path.join(work, f"state-{workers}")
     command = [rsafe_proxy(), "serve", "--port", str(port), "--workers", str(workers), "--log-level", "warning"]
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
-    with started(command, f"http://127.0.0.1:{port}/readyz", env, work) as proxy:
+    with process(command, f"http://127.0.0.1:{port}/readyz", env, work) as proxy:
         headers = {"authorization": "Bearer sk-bench"}
         asyncio.run(load(url, max(concurrency * 4, 50), concurrency, headers))  # every worker warm
         cpu, own, theirs = cpu_seconds(proxy.pid), own_cpu_seconds(), doubled.cpu_seconds()
@@ -204,7 +186,7 @@ def embedded_rss(workers: int = 1) -> dict[str, Any]:
     command = [rsafe_proxy(), "serve", "--port", str(port), "--workers", str(workers), "--log-level", "warning"]
     started_at = time.monotonic()
     try:
-        with started(command, f"http://127.0.0.1:{port}/readyz", env, work, timeout=600) as proxy:
+        with process(command, f"http://127.0.0.1:{port}/readyz", env, work, timeout=600) as proxy:
             ready_s = time.monotonic() - started_at
             # with one worker the parent serves; with several, its spawned children do (not its resource tracker)
             children = [
