@@ -8,6 +8,7 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
@@ -65,10 +66,11 @@ def test_tenants_reload_and_a_bad_edit_is_rejected(
     assert answers(proxy, "sk-a") and answers(proxy, "sk-b")  # the last good tenants keep serving
 
 
-@pytest.mark.parametrize("key", ["sk-a", "sk-b"])
-def test_a_key_never_selects_a_tenant_that_is_gone(
-    servers: Servers, upstream: FakeUpstream, guard: ScriptedGuard, tmp_path: Path, key: str
-) -> None:
+def _two_tenants(
+    servers: Servers, upstream: FakeUpstream, guard: ScriptedGuard, tmp_path: Path
+) -> tuple[Proxy, dict[str, Any], Path]:
+    """A proxy reloading tmp_path/proxy.yaml every 50 ms, with tenants a (key sk-a) and b (sk-b); its config and
+    the file, for the test to edit."""
     config = proxy_config(upstream.url, guard.url, tmp_path, policy_reload_s=0.05)
     del config["base_dir"]
     config["tenants"] = [
@@ -77,7 +79,14 @@ def test_a_key_never_selects_a_tenant_that_is_gone(
     ]
     path = tmp_path / "proxy.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
-    proxy = start_proxy(servers, load_settings(path))
+    return start_proxy(servers, load_settings(path)), config, path
+
+
+@pytest.mark.parametrize("key", ["sk-a", "sk-b"])
+def test_a_key_never_selects_a_tenant_that_is_gone(
+    servers: Servers, upstream: FakeUpstream, guard: ScriptedGuard, tmp_path: Path, key: str
+) -> None:
+    proxy, config, path = _two_tenants(servers, upstream, guard, tmp_path)
     assert answers(proxy, key)
     config["tenants"] = [tenant for tenant in config["tenants"] if tenant["id"] != key[-1]]
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
@@ -108,15 +117,7 @@ def _rest_and_answer(sock: socket.socket, body: bytes) -> bytes:
 def test_a_request_whose_tenant_is_removed_while_its_body_arrives_finishes_with_its_snapshot(
     servers: Servers, upstream: FakeUpstream, guard: ScriptedGuard, tmp_path: Path
 ) -> None:
-    config = proxy_config(upstream.url, guard.url, tmp_path, policy_reload_s=0.05)
-    del config["base_dir"]
-    config["tenants"] = [
-        {"id": "a", "keys": [digest("sk-a")], "policy": "rsafe-default"},
-        {"id": "b", "keys": [digest("sk-b")], "policy": "rsafe-default"},
-    ]
-    path = tmp_path / "proxy.yaml"
-    path.write_text(yaml.safe_dump(config), encoding="utf-8")
-    proxy = start_proxy(servers, load_settings(path))
+    proxy, config, path = _two_tenants(servers, upstream, guard, tmp_path)
     assert answers(proxy, "sk-b")
     body = json.dumps({"model": "fake-model", "messages": [{"role": "user", "content": "hello " * 50}]}).encode()
 
