@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -71,6 +72,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     listener = bind(host, port)
     app = build_app(settings)  # loads the policies: a bad one stops start-up here, before any worker starts
     if workers == 1:
+        # uvicorn names the address only when it binds the socket itself; this one was bound above
+        bound_host, bound_port = listener.getsockname()[:2]
+        logging.getLogger(__name__).info("serving http://%s:%s (pid %d)", bound_host, bound_port, os.getpid())
         serve(settings, app, listener=listener, host=host, port=port, log_level=args.log_level)
         return 0
     from rsafe_proxy.workers import serve_workers

@@ -247,6 +247,8 @@ def test_serve_says_when_the_guard_loads_and_is_ready_and_logs_each_block(
 ) -> None:
     config = write_config(tmp_path, upstream.url, {"engine": SLOW_START, "options": {"load_s": 1.0}})
     with served(config) as proxy:
+        address = proxy.wait_for("serving http://")
+        assert address["message"].startswith(f"serving {proxy.url} (pid ")
         loading = proxy.wait_for("guard loading")
         ready = proxy.wait_for("guard ready")
         assert "engine tests.doubles:SlowStartEngine" in loading["message"] and "mode generate" in loading["message"]
@@ -265,6 +267,8 @@ def test_serve_says_when_the_guard_loads_and_is_ready_and_logs_each_block(
     assert line["decision"]["decision_id"] == decision_id
     log = "\n".join(proxy.lines)
     assert "secret words" not in log and UNSAFE not in log  # never the content
+    # the upstream and guard calls made no line of their own (httpx logs one INFO line per call unless told)
+    assert not [line for line in proxy.lines if json.loads(line)["logger"] in ("httpx", "httpcore")]
     assert "Traceback" not in log and "Warning" not in log and "\x1b[" not in log  # no terminal colours in JSON
     assert all(json.loads(line) for line in proxy.lines)  # every line is one JSON object
 

@@ -339,4 +339,4 @@ def test_a_responses_stream_that_ends_badly_ends_with_response_failed(
     final = events[-1]
     assert final.type == "response.failed"
     assert final.response.status == "failed"
-    assert final.response.error is not None and final.response.error.code == "server_error"
+    assert final.response.error is not None and final.response.error.code == "upstream_unavailable"

@@ -118,7 +118,7 @@ def test_shutdown_ends_a_responses_stream_with_response_failed(
     assert failed["type"] == "response.failed"
     assert failed["response"]["id"] == events[0]["response"]["id"]  # SDKs check the response's identity
     assert failed["response"]["status"] == "failed"
-    assert failed["response"]["error"]["code"] == "server_error"
+    assert failed["response"]["error"]["code"] == "server_shutting_down"
     assert failed["sequence_number"] > events[-2]["sequence_number"]
     assert "event: response.failed" in lines
 
@@ -277,6 +277,7 @@ async def test_a_shutdown_ends_a_stream_as_its_dialect_fails_one_from_what_was_r
     assert ending.startswith(b"event: response.failed\ndata: ") and ending.endswith(b"\n\n")
     failed = json.loads(ending.removeprefix(b"event: response.failed\ndata: "))
     assert failed["response"]["id"] == "r1" and failed["response"]["status"] == "failed"
-    assert failed["response"]["error"] == {"code": "server_error", "message": "Stopping.", "decision_id": "d" * 32}
+    error = {"code": "server_shutting_down", "message": "Stopping.", "decision_id": "d" * 32}
+    assert failed["response"]["error"] == error
     assert failed["sequence_number"] == 3
     await cast(AsyncGenerator[bytes, None], out).aclose()  # run() is an async generator

@@ -20,7 +20,7 @@ LONG_ANSWER = " ".join(f"word{n:03d}" for n in range(200)) + "."
 
 
 def _chat(client: openai.OpenAI) -> tuple[str, str | None]:
-    """The streamed text, and the message of the error the SDK raised (None if none)."""
+    """The streamed text, and the code and message of the error the SDK raised (None if none)."""
     text = ""
     try:
         with client.chat.completions.create(
@@ -30,19 +30,19 @@ def _chat(client: openai.OpenAI) -> tuple[str, str | None]:
                 for choice in piece.choices:
                     text += choice.delta.content or ""
     except openai.APIError as error:
-        return text, error.message
+        return text, f"{error.code}: {error.message}"
     return text, None
 
 
 def _responses(client: openai.OpenAI) -> tuple[str, str | None]:
-    """The streamed text, and the message of the error the response failed with (None if it did not)."""
+    """The streamed text, and the code and message of the error the response failed with (None if it did not)."""
     text, failed = "", None
     with client.responses.create(model="fake-model", input="tell", stream=True) as stream:
         for event in stream:
             if event.type == "response.output_text.delta":
                 text += event.delta
             elif event.type == "response.failed" and event.response.error is not None:
-                failed = event.response.error.message
+                failed = f"{event.response.error.code}: {event.response.error.message}"
     return text, failed
 
 
@@ -59,6 +59,7 @@ def test_a_buffered_answer_over_max_held_bytes_ends_the_stream_unsent(
     with proxy.client() as client:
         text, failed = READERS[api](client)
     assert text == "" and failed is not None and "stream.max_held_bytes" in failed
+    assert failed.startswith("content_too_long: ")  # the client's doing, in both APIs: not a server error
     assert guard.judged("output") == []  # nothing was judged, so nothing was sent
     assert upstream.aborted.wait(5)  # the proxy stopped reading the upstream at the cap
 

@@ -245,8 +245,9 @@ class ResponsesDialect:
     def failed_events(
         self, template: dict[str, Any], failure: ProxyError, known: Mapping[str, str]
     ) -> list[dict[str, Any]]:
-        """The response, failed with a server_error carrying the failure's message."""
-        error = {"code": "server_error", "message": failure.message, **known}
+        """The response, failed with the failure's own code (`content_too_long`, `guard_unavailable`, ...; one with
+        none as a server_error) and its message."""
+        error = {"code": failure.code or "server_error", "message": failure.message, **known}
         return responses_output.failed_events(template, error)
 
     def event_name(self, data: dict[str, Any]) -> str | None:
