@@ -58,7 +58,7 @@ def _policy(path: str | Path | None, settings: Settings) -> Policy:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from rsafe_proxy.app import build_app
-    from rsafe_proxy.server import bind, serve
+    from rsafe_proxy.server import bind, serve, url_of
 
     configure_logs(args.log_format, args.log_level)
     settings = _settings(args)
@@ -73,8 +73,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = build_app(settings)  # loads the policies: a bad one stops start-up here, before any worker starts
     if workers == 1:
         # uvicorn names the address only when it binds the socket itself; this one was bound above
-        bound_host, bound_port = listener.getsockname()[:2]
-        logging.getLogger(__name__).info("serving http://%s:%s (pid %d)", bound_host, bound_port, os.getpid())
+        logging.getLogger(__name__).info("serving %s (pid %d)", url_of(listener), os.getpid())
         serve(settings, app, listener=listener, host=host, port=port, log_level=args.log_level)
         return 0
     from rsafe_proxy.workers import serve_workers

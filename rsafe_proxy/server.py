@@ -244,6 +244,12 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def url_of(listener: socket.socket) -> str:
+    """The address a bound socket listens on, as a URL (an IPv6 address in brackets)."""
+    host, port = listener.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def serve(settings: Settings, app: ASGIApp, listener: socket.socket | None = None, **options: Any) -> None:
     """Serve `app` until SIGTERM or SIGINT, then shut down gracefully; on `listener` when given (see `bind`).
     Logging is left as the caller set it up (rsafe_proxy.logs), uvicorn's loggers included."""

@@ -224,9 +224,10 @@ def serve_workers(
     log_level: str = "info",
 ) -> int:
     """Serve with `count` worker processes on `listener` until SIGTERM or SIGINT; the exit status."""
+    from rsafe_proxy.server import url_of
+
     settings = shared_session_secret(settings)
     with metrics_directory() as directory:
         specs = [WorkerSpec(settings, listener, n, options, log_format, log_level) for n in range(1, count + 1)]
-        host, port = listener.getsockname()[:2]
-        log.info("serving http://%s:%s with %d worker processes (parent pid %d)", host, port, count, os.getpid())
+        log.info("serving %s with %d worker processes (parent pid %d)", url_of(listener), count, os.getpid())
         return Workers(specs, directory).run()
