@@ -1,144 +1,226 @@
-"""The pooled HTTP clients the proxy calls the upstream and the guard with: httpx, its connections on asyncio
-streams directly.
+"""The pooled HTTP client the proxy calls the upstream and the guard with: aiohttp's, behind a small interface.
 
-httpx's default network backend goes through anyio, and on the proxy's hot path that is a good share of each
-outbound call's CPU: every read and write opens an anyio cancel scope, and the pool asks each idle connection, on
-every request, whether it has expired, which anyio answers by building a dict of a socket's attributes
-(benchmarks/README.md, "Proxy CPU per request"). `AsyncioBackend` is httpcore's network backend on asyncio's own
-streams, with timeouts from `asyncio.timeout` and httpcore's exceptions; `client` builds an httpx client on it
-that keeps no cookies. Pools, keep-alive, HTTP/1.1 and TLS stay httpx's and httpcore's."""
+aiohttp's client parses HTTP in C (llhttp) and keeps a simple per-host pool; on the proxy's hot path one call
+costs about a seventh of the CPU of httpx's (benchmarks/README.md, "Proxy CPU per request"), and a screened
+request makes three. What the proxy relies on is set here once:
+
+- no cookies (one client serves every tenant: a cookie set for one request must not go out with another's);
+- no redirects followed (a Location must never send a request where the proxy did not choose);
+- no proxy from the environment, the URL sent as built (the proxy has canonicalised the path: nothing may
+  re-resolve it on the way out), no automatic User-Agent or Content-Type;
+- TLS verified against certifi's roots, or those in SSL_CERT_FILE / SSL_CERT_DIR where set (as httpx did);
+- a connect timeout and a read timeout between chunks (as httpx's), a bounded wait for a pooled connection;
+- every failure raised as `RequestTimedOut` or `RequestFailed`, with the cause in words a user can act on."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import ssl
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
-from http.cookiejar import CookieJar, DefaultCookiePolicy
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
-import httpcore
-import httpx
-from httpcore._utils import is_socket_readable
+import aiohttp
+import certifi
+from multidict import CIMultiDictProxy
+from yarl import URL
 
-# httpcore's socket option type (level, option, value), as its backends take it
-_SocketOption = tuple[int, int, int] | tuple[int, int, bytes | bytearray] | tuple[int, int, None, int]
-
-
-@contextmanager
-def _mapped(timeout: type[Exception], broken: type[Exception]) -> Iterator[None]:
-    """asyncio's and the socket's errors as httpcore's: a timeout as `timeout`, a failure as `broken`."""
-    try:
-        yield
-    except TimeoutError as error:
-        raise timeout(str(error) or "timed out") from error
-    except (OSError, EOFError, asyncio.IncompleteReadError) as error:  # ssl.SSLError is an OSError
-        raise broken(str(error) or type(error).__name__) from error
+# Response head limits: a line or header of an upstream's answer up to 64 KiB (aiohttp's default, 8 KiB, is
+# smaller than some servers' headers).
+_MAX_HEAD_LINE = 64 * 1024
+_MAX_HEADERS = 256
+# How long an idle kept-alive connection is kept (httpx's default: 5 s; servers commonly close at 5-75 s).
+_KEEPALIVE_S = 5.0
 
 
-class AsyncioStream(httpcore.AsyncNetworkStream):
-    """One connection: asyncio's reader and writer."""
+class RequestFailed(Exception):
+    """The request could not be sent or its answer broke off; `cause` says why, in words."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._reader = reader
-        self._writer = writer
+    def __init__(self, cause: str) -> None:
+        super().__init__(cause)
+        self.cause = cause
 
-    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        with _mapped(httpcore.ReadTimeout, httpcore.ReadError):
-            async with asyncio.timeout(timeout):
-                return await self._reader.read(max_bytes)
 
-    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        if not buffer:
-            return
-        with _mapped(httpcore.WriteTimeout, httpcore.WriteError):
-            self._writer.write(buffer)
-            async with asyncio.timeout(timeout):
-                await self._writer.drain()
+class RequestTimedOut(RequestFailed):
+    """No connection, or no (more) answer, within the timeout."""
+
+    def __init__(self, cause: str, connecting: bool) -> None:
+        super().__init__(cause)
+        self.connecting = connecting
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """`read_s`: the longest wait for the answer's head or its next chunk (and for a free pooled connection);
+    `connect_s`: for a TCP (and TLS) connection."""
+
+    read_s: float
+    connect_s: float
+
+    def aiohttp(self) -> aiohttp.ClientTimeout:
+        return aiohttp.ClientTimeout(
+            total=None, connect=self.read_s + self.connect_s, sock_connect=self.connect_s, sock_read=self.read_s
+        )
+
+
+def tls_context() -> ssl.SSLContext:
+    """Certificate verification against SSL_CERT_FILE / SSL_CERT_DIR where set, else certifi's roots."""
+    cafile, capath = os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR")
+    if cafile and os.path.isfile(cafile):
+        return ssl.create_default_context(cafile=cafile)
+    if capath and os.path.isdir(capath):
+        return ssl.create_default_context(capath=capath)
+    return ssl.create_default_context(cafile=certifi.where())
+
+
+def describe(error: BaseException) -> str:
+    """Why a request failed, in words a user can act on: DNS, refused, TLS, a broken connection."""
+    if isinstance(error, aiohttp.ClientConnectorCertificateError):
+        return f"the TLS certificate was not accepted ({error.certificate_error})"
+    if isinstance(error, aiohttp.ClientConnectorDNSError):
+        return f"the host name could not be resolved (DNS: {error.os_error.strerror or error.os_error})"
+    if isinstance(error, aiohttp.ClientConnectorError | aiohttp.ClientSSLError):
+        return os_cause(error.os_error)
+    if isinstance(error, aiohttp.ServerDisconnectedError):
+        return "the connection broke (the server closed it)"
+    if isinstance(error, OSError):
+        return os_cause(error)
+    text = str(error) or type(error).__name__
+    if "ssl" in text.lower() or "certificate" in text.lower():
+        return f"the TLS handshake failed ({text})"
+    return f"the connection broke ({type(error).__name__}: {text})"
+
+
+def os_cause(error: OSError) -> str:
+    """An OS-level connection error in words: DNS, refused, TLS, else as the OS says it."""
+    if isinstance(error, socket.gaierror):
+        return f"the host name could not be resolved (DNS: {error.strerror or error})"
+    if isinstance(error, ConnectionRefusedError):
+        return "the connection was refused (nothing listens on that port)"
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return f"the TLS certificate was not accepted ({error.verify_message or error.reason})"
+    if isinstance(error, ssl.SSLError):
+        return f"the TLS handshake failed ({error.reason or error})"
+    return f"the connection failed ({error.strerror or error})"
+
+
+def _failure(error: BaseException) -> RequestFailed:
+    """aiohttp's (or asyncio's) error as ours."""
+    if isinstance(error, aiohttp.ConnectionTimeoutError):
+        return RequestTimedOut("no connection within the connect timeout", connecting=True)
+    if isinstance(error, TimeoutError):  # aiohttp's SocketTimeoutError is one, as is asyncio's
+        return RequestTimedOut("no answer within the timeout", connecting=False)
+    return RequestFailed(describe(error))
+
+
+_FAILURES = (aiohttp.ClientError, OSError, TimeoutError, asyncio.IncompleteReadError)
+
+
+def _unread(content: aiohttp.StreamReader) -> bytes:
+    """The bytes that arrived but were not read yet. aiohttp raises a broken connection's error ahead of them (its
+    reader checks for an error before its buffer), so without this the end of an answer that came whole, just
+    before the connection broke, would be lost (tests/test_gate_channels.py: a stream that breaks after it
+    finished ends normally)."""
+    buffer = getattr(content, "_buffer", None)
+    if not buffer:
+        return b""
+    arrived = b"".join(buffer)
+    buffer.clear()
+    return arrived
+
+
+class Answer:
+    """A response whose body is read as it comes (`chunks`) or whole (`read`); close it when done."""
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+        self.status_code: int = response.status
+        self.headers: CIMultiDictProxy[str] = response.headers
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives (decoded where the server compressed it); RequestFailed where it breaks off."""
+        content = self._response.content
+        try:
+            async for chunk in content.iter_any():
+                yield chunk
+        except _FAILURES as error:
+            if arrived := _unread(content):  # what came before the break is the answer's too: passed on first
+                yield arrived
+            raise _failure(error) from error
+
+    async def read(self, max_bytes: int) -> bytes:
+        """The whole body; RequestFailed where it breaks off, ValueError past `max_bytes`."""
+        body = bytearray()
+        async for chunk in self.chunks():
+            body += chunk
+            if len(body) > max_bytes:
+                raise ValueError(f"the answer is over {max_bytes} bytes")
+        return bytes(body)
 
     async def aclose(self) -> None:
-        # no wait for the close to complete: httpcore closes idle connections from inside its pool's lock
-        self._writer.close()
-
-    async def start_tls(
-        self, ssl_context: ssl.SSLContext, server_hostname: str | None = None, timeout: float | None = None
-    ) -> httpcore.AsyncNetworkStream:
-        try:
-            with _mapped(httpcore.ConnectTimeout, httpcore.ConnectError):
-                async with asyncio.timeout(timeout):
-                    await self._writer.start_tls(ssl_context, server_hostname=server_hostname)
-        except BaseException:
-            await self.aclose()
-            raise
-        return self
-
-    def get_extra_info(self, info: str) -> Any:
-        if info == "ssl_object":
-            return self._writer.get_extra_info("ssl_object")
-        if info == "client_addr":
-            return self._writer.get_extra_info("sockname")
-        if info == "server_addr":
-            return self._writer.get_extra_info("peername")
-        if info == "socket":
-            return self._writer.get_extra_info("socket")
-        if info == "is_readable":
-            # asked of an idle connection: the end seen, or a readable socket, means the server closed it
-            return self._reader.at_eof() or _readable(self)
-        return None
+        """Done with it: a body read to its end leaves the connection to the pool, any other closes it."""
+        self._response.release()
 
 
-def _readable(stream: AsyncioStream) -> bool:
-    sock = stream.get_extra_info("socket")
-    return is_socket_readable(sock)  # httpcore's own test (poll, or select where there is none)
+class HttpClient:
+    """A pooled client (`max_connections`, kept alive) with the behaviour in the module's docstring. Its
+    aiohttp session is made on first use, on the running loop."""
 
+    def __init__(self, max_connections: int, timeouts: Timeouts, headers: Mapping[str, str] | None = None) -> None:
+        self.max_connections = max_connections
+        self.timeouts = timeouts
+        self._headers = dict(headers or {})
+        self._session: aiohttp.ClientSession | None = None
+        self.closed = False
 
-class AsyncioBackend(httpcore.AsyncNetworkBackend):
-    """httpcore's network backend on asyncio streams (see the module's docstring)."""
+    def _opened(self) -> aiohttp.ClientSession:
+        if self.closed:
+            raise RequestFailed("the client is closed")
+        if self._session is None:
+            connector = aiohttp.TCPConnector(
+                limit=self.max_connections, keepalive_timeout=_KEEPALIVE_S, ssl=tls_context()
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                headers=self._headers,
+                cookie_jar=aiohttp.DummyCookieJar(),
+                skip_auto_headers=("User-Agent", "Content-Type"),
+                timeout=self.timeouts.aiohttp(),
+                trust_env=False,
+                max_line_size=_MAX_HEAD_LINE,
+                max_field_size=_MAX_HEAD_LINE,
+                max_headers=_MAX_HEADERS,
+            )
+        return self._session
 
-    async def connect_tcp(
+    async def open(
         self,
-        host: str,
-        port: int,
-        timeout: float | None = None,
-        local_address: str | None = None,
-        socket_options: Iterable[_SocketOption] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        options = list(socket_options or [])
-        if options:  # asyncio's open_connection sets none: anyio's backend does (httpx passes none by default)
-            return await httpcore.AnyIOBackend().connect_tcp(host, port, timeout, local_address, options)
-        local = (local_address, 0) if local_address else None
-        with _mapped(httpcore.ConnectTimeout, httpcore.ConnectError):
-            async with asyncio.timeout(timeout):
-                reader, writer = await asyncio.open_connection(host, port, local_addr=local)
-        return AsyncioStream(reader, writer)  # asyncio sets TCP_NODELAY on TCP sockets
+        method: str,
+        url: str,
+        headers: Mapping[str, str] | None = None,
+        content: bytes | None = None,
+        timeouts: Timeouts | None = None,
+    ) -> Answer:
+        """Send the request; the answer comes back with its body unread. `url` is sent as given (encoded)."""
+        options: dict[str, Any] = {"allow_redirects": False}
+        if timeouts is not None:
+            options["timeout"] = timeouts.aiohttp()
+        try:
+            target = URL(url, encoded=True)
+        except ValueError as error:
+            raise RequestFailed(f"the address is not a valid URL ({error})") from None
+        try:
+            response = await self._opened().request(method, target, headers=headers, data=content, **options)
+        except _FAILURES as error:
+            raise _failure(error) from error
+        except ValueError as error:  # a header aiohttp will not send (a line break in a value, say)
+            raise RequestFailed(f"the request could not be sent ({error})") from None
+        return Answer(response)
 
-    async def connect_unix_socket(
-        self, path: str, timeout: float | None = None, socket_options: Iterable[_SocketOption] | None = None
-    ) -> httpcore.AsyncNetworkStream:
-        with _mapped(httpcore.ConnectTimeout, httpcore.ConnectError):
-            async with asyncio.timeout(timeout):
-                reader, writer = await asyncio.open_unix_connection(path)
-        return AsyncioStream(reader, writer)
-
-    async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)
-
-
-def transport(max_connections: int) -> httpx.AsyncHTTPTransport:
-    """httpx's transport (its pool, `max_connections` kept alive too) with its connections on `AsyncioBackend`."""
-    limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
-    made = httpx.AsyncHTTPTransport(limits=limits)
-    pool = made._pool
-    # httpx takes no network backend; its pool keeps the one it was given here (httpcore 1.x)
-    if isinstance(pool, httpcore.AsyncConnectionPool) and hasattr(pool, "_network_backend"):
-        pool._network_backend = AsyncioBackend()
-    return made
-
-
-def client(max_connections: int, timeout: httpx.Timeout, **options: Any) -> httpx.AsyncClient:
-    """A pooled httpx client on `transport(max_connections)` that keeps no cookies; `options` go to
-    httpx.AsyncClient (base_url...)."""
-    # One client serves every tenant: a cookie the upstream set for one request would go out with the next
-    # request of anyone else, so the jar accepts none.
-    jar = CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
-    return httpx.AsyncClient(timeout=timeout, transport=transport(max_connections), cookies=jar, **options)
+    async def aclose(self) -> None:
+        """Close the pool's connections; the client refuses requests from now on."""
+        self.closed = True
+        if self._session is not None:
+            await self._session.close()

@@ -83,12 +83,6 @@ def configure(log_format: LogFormat = "text", level: str = "info", worker: int |
         logger = logging.getLogger(name)
         logger.handlers.clear()
         logger.propagate = True
-    # httpx logs an INFO line for every upstream and guard call it makes (three a screened request): noise that
-    # buries the decision lines and costs CPU. Its warnings and errors still come through; --log-level debug
-    # shows its lines again.
-    quiet = logging.DEBUG if level.upper() == "DEBUG" else logging.WARNING
-    for name in ("httpx", "httpcore"):
-        logging.getLogger(name).setLevel(quiet)
 
 
 class DecisionLog(SpanProcessor):

@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import replace
 from typing import Any
 
-import httpx
 from opentelemetry import trace
 from opentelemetry.trace import Span
 
@@ -21,6 +20,7 @@ from rsafe_proxy.errors import ContentBlocked, ContentTooLong, GuardUnavailable,
 from rsafe_proxy.guard.conversation import Turn
 from rsafe_proxy.guard.protocol import Side
 from rsafe_proxy.guard.screen import Screener
+from rsafe_proxy.http_client import Answer, RequestFailed
 from rsafe_proxy.policy.decide import Decision, Outcome
 from rsafe_proxy.screens import Screening, Screens
 from rsafe_proxy.streaming import Event, WindowedScreen, sse_events
@@ -31,7 +31,7 @@ from rsafe_proxy.tracecontext import inject
 from rsafe_proxy.upstream import Upstream, forward_headers, returned_headers
 
 
-async def _upstream_error(response: httpx.Response) -> bool:
+async def _upstream_error(response: Answer) -> bool:
     """True for an upstream error (4xx, 5xx: passed through with its status and body), False for an answer (200).
     Any other status (201, 206, a redirect) is no answer the proxy screens, so it is not passed on either: its
     body could carry generated text, its Location send the client's request past the proxy."""
@@ -53,7 +53,7 @@ async def _read_events(
         yield event
 
 
-async def _discard(task: asyncio.Task[httpx.Response] | None) -> None:
+async def _discard(task: asyncio.Task[Answer] | None) -> None:
     """Cancel an upstream call; close its response if it had already arrived."""
     if task is None:
         return
@@ -92,7 +92,7 @@ class Pipeline:
         # drop-in mode: the client's own credentials go upstream; a proxy key never does
         return None if call.tenant.keyed else call.headers.get("authorization")
 
-    async def _open(self, state: Screening | None, call: Call, content: bytes | None) -> httpx.Response:
+    async def _open(self, state: Screening | None, call: Call, content: bytes | None) -> Answer:
         """Send the call upstream inside its client span, which ends when the answer is read (see _read)."""
         parent = state.context if state else None
         base_url = call.tenant.upstream_base_url or self.upstream.base_url
@@ -119,7 +119,7 @@ class Pipeline:
             state.opened[id(response)] = upstream_call
         return response
 
-    async def _read(self, state: Screening, response: httpx.Response) -> tuple[bytes, Any]:
+    async def _read(self, state: Screening, response: Answer) -> tuple[bytes, Any]:
         """The whole upstream answer (waited for) and, for a 200, its JSON value, read once (one reading: an
         object whose keys repeat could be judged in one reading and shown in another), else None; its client
         span ends with what the answer says."""
@@ -152,9 +152,9 @@ class Pipeline:
 
         async def body() -> AsyncIterator[bytes]:
             try:
-                async for chunk in waited(response.aiter_raw()):
+                async for chunk in waited(response.chunks()):
                     yield chunk
-            except httpx.HTTPError:
+            except RequestFailed:
                 return
             finally:
                 await response.aclose()
@@ -203,7 +203,7 @@ class Pipeline:
 
     async def _complete(self, state: Screening, stream: bool) -> Reply | StreamReply:
         call = state.call
-        upstream: asyncio.Task[httpx.Response] | None = None
+        upstream: asyncio.Task[Answer] | None = None
         screening = asyncio.create_task(self.screens.screen_input(state))
         if self.parallel and not state.dialect.acts_upstream(state.body):
             upstream = asyncio.create_task(self._open(state, call, call.body))
@@ -327,7 +327,7 @@ class Pipeline:
         screened = await self.screens.screen_answer(state, answer)
         return raw if screened is answer else json.dumps(screened).encode()
 
-    def _streamed(self, state: Screening, response: httpx.Response, headers: dict[str, str]) -> StreamReply:
+    def _streamed(self, state: Screening, response: Answer, headers: dict[str, str]) -> StreamReply:
         """The upstream's event stream, screened; a shutdown ends it as its dialect ends a failed stream."""
         windowed = self._windowed(state)
         return StreamReply(200, headers, self._stream(state, response, windowed), ending=windowed.stop_event)
@@ -350,9 +350,7 @@ class Pipeline:
             decision_id=trace.format_trace_id(ids.trace_id) if ids.is_valid else None,
         )
 
-    async def _stream(
-        self, state: Screening, response: httpx.Response, windowed: WindowedScreen
-    ) -> AsyncIterator[bytes]:
+    async def _stream(self, state: Screening, response: Answer, windowed: WindowedScreen) -> AsyncIterator[bytes]:
         reading = AnswerReading()
         upstream_call = state.opened.pop(id(response), None)
         try:

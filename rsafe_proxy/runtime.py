@@ -12,8 +12,6 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-import httpx
-
 from rsafe_proxy import http_client
 from rsafe_proxy.audit import open_store
 from rsafe_proxy.audit.record import DecisionStore, PolicyVersion
@@ -111,7 +109,7 @@ class Runtime:
     tenancy: Tenancy
     recorder: Recorder
     engine: GuardEngine
-    client: httpx.AsyncClient
+    client: http_client.HttpClient
     pipeline: Pipeline
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     drain: Drain = field(default_factory=Drain)  # begun by the server at shutdown (rsafe_proxy.server)
@@ -132,9 +130,9 @@ class Runtime:
         recorder = Recorder(settings.telemetry, settings.base_dir)
         engine = build_engine(settings.guard)
         upstream_settings = settings.upstream
-        client = http_client.client(
+        client = http_client.HttpClient(
             upstream_settings.max_connections,
-            httpx.Timeout(upstream_settings.timeout_s, connect=upstream_settings.connect_timeout_s),
+            http_client.Timeouts(upstream_settings.timeout_s, upstream_settings.connect_timeout_s),
         )
         key = upstream_settings.api_key.get_secret_value() if upstream_settings.api_key else None
         pipeline = Pipeline(

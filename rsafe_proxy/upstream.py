@@ -1,17 +1,16 @@
-"""The OpenAI-compatible upstream: one pooled httpx client, transport errors mapped once."""
+"""The OpenAI-compatible upstream: one pooled client (rsafe_proxy.http_client), its failures mapped once."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
-import ssl
 from collections.abc import AsyncIterator, Mapping
 
-import certifi
-import httpx
+from multidict import CIMultiDictProxy
+from yarl import URL
 
 from rsafe_proxy.errors import UpstreamTimeout, UpstreamUnavailable
+from rsafe_proxy.http_client import Answer, HttpClient, RequestFailed, RequestTimedOut, os_cause, tls_context
 
 # Headers that describe one hop, or that the proxy sets itself.
 _NOT_FORWARDED = frozenset(
@@ -84,60 +83,31 @@ def _values(headers: Mapping[str, str], wanted: str) -> list[str]:
     return [value for name, value in headers.items() if name.lower() == wanted]
 
 
-def returned_headers(headers: httpx.Headers) -> dict[str, str]:
+def returned_headers(headers: Mapping[str, str] | CIMultiDictProxy[str]) -> dict[str, str]:
     """Upstream response headers fit to pass back to the client: never one named like the proxy's own
     (`x-rsafe-*`), which an upstream could send to forge a verdict where the proxy sets none, nor one of those
-    above or that its Connection header names. The upstream's `x-request-id` is returned (the OpenAI SDK reports
-    it as the request id); where it sends none, the client's own comes back (telemetry.http)."""
-    hop = {name.strip().lower() for value in headers.get_list("connection") for name in value.split(",")}
-    return {
-        name: value
-        for name, value in headers.items()
-        if name.lower() not in _NOT_RETURNED | hop and not name.lower().startswith("x-rsafe-")
-    }
+    above or that its Connection header names. A header sent more than once comes back once, its values joined
+    by commas. The upstream's `x-request-id` is returned (the OpenAI SDK reports it as the request id); where it
+    sends none, the client's own comes back (telemetry.http)."""
+    pairs = list(headers.items())
+    hop = {name.strip().lower() for key, value in pairs if key.lower() == "connection" for name in value.split(",")}
+    out: dict[str, str] = {}
+    for name, value in pairs:
+        lowered = name.lower()
+        if lowered in _NOT_RETURNED or lowered in hop or lowered.startswith("x-rsafe-"):
+            continue
+        out[lowered] = f"{out[lowered]}, {value}" if lowered in out else value
+    return out
 
 
 def host_of(url: str) -> str:
     """host:port of `url`: enough to name the server, never a path, query or credentials."""
-    parsed = httpx.URL(url)
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        parsed = URL(url)
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    except ValueError:
+        return "(an invalid address)"
     return f"{parsed.host}:{port}"
-
-
-def cause(error: httpx.HTTPError) -> str:
-    """Why a request failed, in words a user can act on: DNS, refused, TLS, timeout, a broken connection."""
-    if isinstance(error, httpx.ConnectTimeout):
-        return "no connection within the connect timeout (upstream.connect_timeout_s)"
-    if isinstance(error, httpx.TimeoutException):
-        return "no answer within the timeout (upstream.timeout_s)"
-    seen: list[BaseException] = []
-    link: BaseException | None = error
-    while link is not None and link not in seen:  # httpx wraps httpcore's error, which wraps the OS error
-        seen.append(link)
-        link = link.__cause__ or link.__context__
-    for reason in seen:
-        if isinstance(reason, OSError) and (words := _os_cause(reason, plain=False)):
-            return words
-    text = str(error) or type(error).__name__
-    if "ssl" in text.lower() or "certificate" in text.lower():
-        return f"the TLS handshake failed ({text})"
-    if isinstance(error, httpx.ConnectError):
-        return f"the connection failed ({text})"
-    return f"the connection broke ({type(error).__name__}: {text})"
-
-
-def _os_cause(error: OSError, plain: bool = True) -> str:
-    """An OS-level connection error in words: DNS, refused, TLS; with `plain`, anything else as the OS says it
-    (else the empty string, so that the caller can look further)."""
-    if isinstance(error, socket.gaierror):
-        return f"the host name could not be resolved (DNS: {error.strerror or error})"
-    if isinstance(error, ConnectionRefusedError):
-        return "the connection was refused (nothing listens on that port)"
-    if isinstance(error, ssl.SSLCertVerificationError):
-        return f"the TLS certificate was not accepted ({error.verify_message or error.reason})"
-    if isinstance(error, ssl.SSLError):
-        return f"the TLS handshake failed ({error.reason or error})"
-    return f"the connection failed ({error.strerror or error})" if plain else ""
 
 
 # An answer larger than this is read no further: a hostile or broken upstream must not fill the proxy's memory.
@@ -145,9 +115,9 @@ MAX_ANSWER_BYTES = 64 * 1024 * 1024
 
 
 class Upstream:
-    """Sends requests to the upstream LLM; the caller owns the response and must close it."""
+    """Sends requests to the upstream LLM; the caller owns the answer and must close it."""
 
-    def __init__(self, client: httpx.AsyncClient, base_url: str) -> None:
+    def __init__(self, client: HttpClient, base_url: str) -> None:
         self.client = client
         self.base_url = base_url.rstrip("/")
 
@@ -159,31 +129,31 @@ class Upstream:
         content: bytes | None = None,
         base_url: str | None = None,
         query: str = "",
-    ) -> httpx.Response:
-        """Send the request and return the response with its body unread (stream it or `aread` it)."""
+    ) -> Answer:
+        """Send the request and return the answer with its body unread (`chunks` or `read` it)."""
         url = f"{(base_url or self.base_url).rstrip('/')}/{path.lstrip('/')}"
         if query:
             url = f"{url}?{query}"
-        request = self.client.build_request(method, url, headers=headers, content=content)
         try:
-            return await self.client.send(request, stream=True)
-        except httpx.TimeoutException as error:
+            return await self.client.open(method, url, headers, content)
+        except RequestTimedOut as error:
+            setting = "upstream.connect_timeout_s" if error.connecting else "upstream.timeout_s"
             raise UpstreamTimeout(
-                f"The upstream model at {host_of(url)} did not answer in time: {cause(error)}."
+                f"The upstream model at {host_of(url)} did not answer in time: {error.cause} ({setting})."
             ) from None
-        except httpx.HTTPError as error:
+        except RequestFailed as error:
             raise UpstreamUnavailable(
-                f"The upstream model at {host_of(url)} could not be reached: {cause(error)}."
+                f"The upstream model at {host_of(url)} could not be reached: {error.cause}."
             ) from None
 
     async def probe(self, timeout_s: float) -> str | None:
         """Open one connection to the upstream (DNS, TCP and, for https, the TLS handshake) and close it; None
         when that works, else why not. No request is sent: the check costs the upstream nothing and shows in
         no request log. For the start-up check and /readyz (a proxy in HTTPS_PROXY is not consulted)."""
-        url = httpx.URL(self.base_url)
+        url = URL(self.base_url)
         secure = url.scheme == "https"
         port = url.port or (443 if secure else 80)
-        context = ssl.create_default_context(cafile=certifi.where()) if secure else None
+        context = tls_context() if secure else None
         try:
             _, writer = await asyncio.wait_for(
                 asyncio.open_connection(url.host, port, ssl=context, server_hostname=url.host if secure else None),
@@ -192,37 +162,34 @@ class Upstream:
         except TimeoutError:
             return f"{host_of(self.base_url)}: no connection within {timeout_s:g} s (upstream.connect_timeout_s)"
         except OSError as error:
-            return f"{host_of(self.base_url)}: {_os_cause(error)}"
+            return f"{host_of(self.base_url)}: {os_cause(error)}"
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
         return None
 
     @staticmethod
-    async def read(response: httpx.Response, max_bytes: int = MAX_ANSWER_BYTES) -> bytes:
+    async def read(response: Answer, max_bytes: int = MAX_ANSWER_BYTES) -> bytes:
         """The whole body, mapping a broken transfer, or one over `max_bytes`, to UpstreamUnavailable."""
         try:
-            body = bytearray()
-            async for chunk in response.aiter_bytes():
-                body += chunk
-                if len(body) > max_bytes:
-                    raise UpstreamUnavailable(f"The upstream model sent an answer over {max_bytes} bytes.")
-            return bytes(body)
-        except httpx.TimeoutException:
+            return await response.read(max_bytes)
+        except RequestTimedOut:
             raise UpstreamTimeout("The upstream model stopped sending its answer in time.") from None
-        except httpx.HTTPError as error:
-            raise UpstreamUnavailable(f"The upstream answer broke off: {type(error).__name__}.") from None
+        except RequestFailed as error:
+            raise UpstreamUnavailable(f"The upstream answer broke off: {error.cause}.") from None
+        except ValueError:
+            raise UpstreamUnavailable(f"The upstream model sent an answer over {max_bytes} bytes.") from None
         finally:
             await response.aclose()
 
     @staticmethod
-    async def chunks(response: httpx.Response) -> AsyncIterator[bytes]:
+    async def chunks(response: Answer) -> AsyncIterator[bytes]:
         """The body as it arrives, mapping a broken or stalled transfer to UpstreamUnavailable or UpstreamTimeout
         (the caller closes the response)."""
         try:
-            async for chunk in response.aiter_bytes():
+            async for chunk in response.chunks():
                 yield chunk
-        except httpx.TimeoutException:
+        except RequestTimedOut:
             raise UpstreamTimeout("The upstream model stopped sending its answer in time.") from None
-        except httpx.HTTPError as error:
-            raise UpstreamUnavailable(f"The upstream answer broke off: {type(error).__name__}.") from None
+        except RequestFailed as error:
+            raise UpstreamUnavailable(f"The upstream answer broke off: {error.cause}.") from None

@@ -5,6 +5,7 @@ with the scripted guard and the fake upstream; each test names the attack it sho
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from starlette.types import Receive, Scope, Send
 
 from rsafe_proxy.config import Settings
 from rsafe_proxy.errors import UpstreamUnavailable
+from rsafe_proxy.http_client import HttpClient, Timeouts
 from rsafe_proxy.policy.loading import load_policy
 from rsafe_proxy.streaming import sse_events
 from rsafe_proxy.upstream import Upstream
@@ -249,8 +251,23 @@ async def _endless() -> AsyncIterator[bytes]:
 @pytest.mark.anyio
 async def test_an_upstream_answer_too_large_to_hold_is_refused() -> None:
     # a hostile or broken upstream must not fill the proxy's memory: a body is read no further than its bound
-    with pytest.raises(UpstreamUnavailable, match="over 10000 bytes"):
-        await Upstream.read(httpx.Response(200, content=_endless()), max_bytes=10_000)
+    async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        async for piece in _endless():
+            writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(endless, "127.0.0.1", 0)
+    client = HttpClient(1, Timeouts(5, 5))
+    try:
+        answer = await client.open("GET", f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/")
+        with pytest.raises(UpstreamUnavailable, match="over 10000 bytes"):
+            await Upstream.read(answer, max_bytes=10_000)
+    finally:
+        await client.aclose()
+        server.close()
     with pytest.raises(UpstreamUnavailable, match="over 10000 bytes"):
         async for _ in sse_events(_endless(), max_event_bytes=10_000):
             pass

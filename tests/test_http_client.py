@@ -1,5 +1,6 @@
-"""The proxy's HTTP clients on asyncio streams (rsafe_proxy.http_client), against raw loopback servers: keep-alive
-reuse, a connection the server closed while idle, timeouts and refusals as httpx's errors."""
+"""The proxy's HTTP client (rsafe_proxy.http_client), against raw loopback servers: keep-alive reuse, a connection
+the server closed while idle, no cookies, no redirects, the URL sent as built, TLS roots, timeouts and refusals
+as its own errors."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import subprocess
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import httpx
 import pytest
 
 from rsafe_proxy import http_client
@@ -56,10 +56,17 @@ def _serve(
     return connections
 
 
-def test_the_pool_runs_on_asyncio_streams() -> None:
-    # httpx takes no network backend: http_client sets it on httpcore's pool, which must still read it from there
-    transport = http_client.transport(4)
-    assert isinstance(transport._pool._network_backend, http_client.AsyncioBackend)
+def _client(read_s: float = 5.0) -> http_client.HttpClient:
+    return http_client.HttpClient(4, http_client.Timeouts(read_s, 2.0))
+
+
+async def _get(client: http_client.HttpClient, url: str, method: str = "GET", body: bytes | None = None) -> bytes:
+    answer = await client.open(method, url, {"content-type": "application/json"} if body else None, body)
+    try:
+        assert answer.status_code == 200, answer.status_code
+        return await answer.read(1 << 20)
+    finally:
+        await answer.aclose()
 
 
 def test_connections_are_kept_alive_and_reused() -> None:
@@ -69,12 +76,12 @@ def test_connections_are_kept_alive_and_reused() -> None:
             await writer.drain()
 
     async def check(url: str, connections: list[int]) -> None:
-        async with http_client.client(4, httpx.Timeout(5)) as client:
-            for number in range(5):
-                reply = await client.post(f"{url}/v1/x", json={"n": number})
-                assert reply.json() == {"ok": True}
-            replies = await asyncio.gather(*(client.post(f"{url}/v1/x", json={}) for _ in range(8)))
-            assert all(reply.status_code == 200 for reply in replies)
+        client = _client()
+        for number in range(5):
+            assert await _get(client, f"{url}/v1/x", "POST", b'{"n": %d}' % number) == BODY
+        replies = await asyncio.gather(*(_get(client, f"{url}/v1/x", "POST", b"{}") for _ in range(8)))
+        assert replies == [BODY] * 8
+        await client.aclose()
 
     assert len(_serve(keep_alive, check)) <= 4  # never more than the pool's cap
 
@@ -86,10 +93,11 @@ def test_a_connection_the_server_closed_while_idle_is_not_reused() -> None:
         await writer.drain()
 
     async def check(url: str, connections: list[int]) -> None:
-        async with http_client.client(4, httpx.Timeout(5)) as client:
-            assert (await client.get(f"{url}/a")).status_code == 200
-            await asyncio.sleep(0.2)  # the close reaches the client's idle connection
-            assert (await client.get(f"{url}/b")).status_code == 200  # on a new connection, no error
+        client = _client()
+        assert await _get(client, f"{url}/a") == BODY
+        await asyncio.sleep(0.2)  # the close reaches the client's idle connection
+        assert await _get(client, f"{url}/b") == BODY  # on a new connection, no error
+        await client.aclose()
 
     assert len(_serve(one_answer, check)) == 2
 
@@ -104,9 +112,10 @@ def test_cookies_the_server_sets_are_never_sent_back() -> None:
             await writer.drain()
 
     async def check(url: str, connections: list[int]) -> None:
-        async with http_client.client(4, httpx.Timeout(5)) as client:  # one client serves every tenant
-            for _ in range(2):
-                assert (await client.get(f"{url}/v1/models")).status_code == 200
+        client = _client()  # one client serves every tenant
+        for _ in range(2):
+            assert await _get(client, f"{url}/v1/models") == BODY
+        await client.aclose()
 
     _serve(sets_cookies, check)
     assert len(heads) == 2
@@ -129,41 +138,116 @@ def test_tls_is_verified_and_kept_alive(tmp_path: Path, monkeypatch: pytest.Monk
             await writer.drain()
 
     async def trusted(url: str, connections: list[int]) -> None:
-        async with http_client.client(4, httpx.Timeout(5)) as client:
-            for _ in range(3):
-                assert (await client.get(f"{url}/v1/models")).json() == {"ok": True}
+        client = _client()
+        for _ in range(3):
+            assert await _get(client, f"{url}/v1/models") == BODY
+        await client.aclose()
 
     async def untrusted(url: str, connections: list[int]) -> None:
-        async with http_client.client(4, httpx.Timeout(5)) as client:
-            with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
-                await client.get(url)
+        client = _client()
+        with pytest.raises(http_client.RequestFailed, match="TLS certificate was not accepted"):
+            await client.open("GET", url)
+        await client.aclose()
 
-    _serve(keep_alive, untrusted, tls)  # the system's roots do not hold this certificate
-    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # httpx's own way to name the roots
+    _serve(keep_alive, untrusted, tls)  # certifi's roots do not hold this certificate
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # the usual way to name other roots (httpx's, OpenSSL's)
     assert len(_serve(keep_alive, trusted, tls)) == 1
 
 
-def test_a_silent_server_times_out_as_httpx_read_timeout() -> None:
+def test_a_silent_server_times_out() -> None:
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await _request(reader)
         await asyncio.sleep(5)
 
     async def check(url: str, connections: list[int]) -> None:
-        async with http_client.client(4, httpx.Timeout(0.2)) as client:
-            with pytest.raises(httpx.ReadTimeout):
-                await client.get(url)
+        client = _client(read_s=0.2)
+        with pytest.raises(http_client.RequestTimedOut, match="no answer within the timeout") as raised:
+            await client.open("GET", url)
+        assert not raised.value.connecting
+        await client.aclose()
 
     _serve(silent, check)
 
 
-def test_a_refused_connection_is_httpx_connect_error() -> None:
+def test_a_body_that_stalls_times_out_between_chunks() -> None:
+    async def stalls(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhalf")
+        await writer.drain()
+        await asyncio.sleep(5)
+
+    async def check(url: str, connections: list[int]) -> None:
+        client = _client(read_s=0.2)
+        answer = await client.open("GET", url)
+        with pytest.raises(http_client.RequestTimedOut):
+            await answer.read(1 << 20)
+        await answer.aclose()
+        await client.aclose()
+
+    _serve(stalls, check)
+
+
+def test_a_body_cut_short_is_a_failure() -> None:
+    async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhalf")
+        await writer.drain()  # then the connection closes
+
+    async def check(url: str, connections: list[int]) -> None:
+        client = _client()
+        answer = await client.open("GET", url)
+        with pytest.raises(http_client.RequestFailed):
+            await answer.read(1 << 20)
+        await answer.aclose()
+        await client.aclose()
+
+    _serve(cut, check)
+
+
+def test_a_refused_connection_says_so() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # bound, never listening: connections to it are refused
 
         async def check() -> None:
-            async with http_client.client(4, httpx.Timeout(2)) as client:
-                with pytest.raises(httpx.ConnectError):
-                    await client.get(f"http://127.0.0.1:{port}/")
+            client = _client()
+            with pytest.raises(http_client.RequestFailed, match="the connection was refused"):
+                await client.open("GET", f"http://127.0.0.1:{port}/")
+            await client.aclose()
 
         asyncio.run(check())
+
+
+def test_redirects_are_not_followed_and_the_url_goes_as_built() -> None:
+    heads: list[bytes] = []
+
+    async def redirects(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while request := await _request(reader):
+            heads.append(request)
+            writer.write(b"HTTP/1.1 307 Temporary Redirect\r\nlocation: /elsewhere\r\ncontent-length: 0\r\n\r\n")
+            await writer.drain()
+
+    async def check(url: str, connections: list[int]) -> None:
+        client = _client()
+        answer = await client.open("POST", f"{url}/v1/a%2Fb/c?x=%20y", {"content-type": "application/json"}, b"{}")
+        assert (answer.status_code, answer.headers["location"]) == (307, "/elsewhere")
+        await answer.aclose()
+        await client.aclose()
+
+    _serve(redirects, check)
+    assert len(heads) == 1  # the Location was not followed
+    request_line, *header_lines = heads[0].split(b"\r\n\r\n")[0].split(b"\r\n")
+    assert request_line == b"POST /v1/a%2Fb/c?x=%20y HTTP/1.1"  # neither decoded nor re-encoded
+    names = [line.split(b":")[0].lower() for line in header_lines]
+    assert b"user-agent" not in names and b"cookie" not in names
+    assert b"content-type: application/json" in [line.lower() for line in header_lines]
+
+
+def test_a_closed_client_refuses_requests() -> None:
+    async def check() -> None:
+        client = _client()
+        await client.aclose()
+        with pytest.raises(http_client.RequestFailed, match="closed"):
+            await client.open("GET", "http://127.0.0.1:9/")
+
+    asyncio.run(check())

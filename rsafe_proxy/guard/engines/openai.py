@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from typing import Any, Self
-
-import httpx
 
 from rsafe_proxy import http_client
 from rsafe_proxy.guard.engine import (
@@ -23,6 +22,8 @@ from rsafe_proxy.tracecontext import inject
 # How OpenAI (`context_length_exceeded`) and vLLM ("maximum context length", "maximum model length") say that a
 # prompt, or a prompt and its max_tokens, does not fit the model.
 _CONTEXT_EXCEEDED = re.compile(r"context.length|maximum model length|max_model_len", re.I)
+# A guard's answer is a verdict and its reasoning: one larger than this is read no further.
+_MAX_ANSWER_BYTES = 16 * 1024 * 1024
 
 
 def message_text(message: Mapping[str, Any]) -> str:
@@ -37,6 +38,10 @@ def message_text(message: Mapping[str, Any]) -> str:
     return content
 
 
+def _encoded(payload: Mapping[str, Any]) -> bytes:
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+
+
 class OpenAIEngine:
     """One user message per screen (after the family's system message, if any), sent to `{url}/chat/completions`."""
 
@@ -49,18 +54,13 @@ class OpenAIEngine:
         api_key: str | None = None,
         timeout_s: float = 60.0,
         max_connections: int = 64,
-        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         self._model = model
+        self._url = url.rstrip("/")
         self.info = EngineInfo("openai", model, url)  # served elsewhere: nothing to load here
-        self._client = httpx.AsyncClient(
-            base_url=url.rstrip("/"),
-            headers=headers,
-            timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 5.0)),
-            # the pool on asyncio streams (rsafe_proxy.http_client: a fraction of the CPU of anyio's)
-            transport=transport if transport is not None else http_client.transport(max_connections),
-        )
+        timeouts = http_client.Timeouts(timeout_s, min(timeout_s, 5.0))
+        self._client = http_client.HttpClient(max_connections, timeouts, headers)
 
     @classmethod
     def from_settings(cls, settings: EngineSettings) -> Self:
@@ -94,22 +94,23 @@ class OpenAIEngine:
         }
         if cache_salt:  # vLLM refuses an empty one
             payload["cache_salt"] = cache_salt
-        if self._client.is_closed:  # httpx would raise a bare RuntimeError
+        if self._client.closed:
             raise GuardEngineError("the openai engine is closed")
-        headers: dict[str, str] = {}
+        headers = {"content-type": "application/json"}
         inject(headers)  # the guard server's spans join the proxy's guard call span
         try:
-            response = await self._client.post("/chat/completions", json=payload, headers=headers)
-        except httpx.TimeoutException as error:
-            raise GuardEngineError(f"guard server timed out: {type(error).__name__}") from error
-        except httpx.HTTPError as error:
-            raise GuardEngineError(f"guard server unreachable: {type(error).__name__}: {error}") from error
-        if response.status_code in (400, 413, 422) and _CONTEXT_EXCEEDED.search(response.text):
-            raise GuardContextExceeded(f"the guard server's context is too short: {response.text[:200]}")
-        if response.status_code != 200:
-            raise GuardEngineError(f"guard server answered {response.status_code}: {response.text[:200]}")
+            status, raw = await self._post("/chat/completions", _encoded(payload), headers)
+        except http_client.RequestTimedOut as error:
+            raise GuardEngineError(f"guard server timed out: {error.cause}") from error
+        except http_client.RequestFailed as error:
+            raise GuardEngineError(f"guard server unreachable: {error.cause}") from error
+        text = raw.decode("utf-8", "replace")
+        if status in (400, 413, 422) and _CONTEXT_EXCEEDED.search(text):
+            raise GuardContextExceeded(f"the guard server's context is too short: {text[:200]}")
+        if status != 200:
+            raise GuardEngineError(f"guard server answered {status}: {text[:200]}")
         try:
-            body: dict[str, Any] = response.json()
+            body: dict[str, Any] = json.loads(raw)
             choice = body["choices"][0]
             text = message_text(choice["message"])
             usage = body.get("usage") or {}
@@ -123,18 +124,29 @@ class OpenAIEngine:
                 model=body["model"] if isinstance(body.get("model"), str) else None,
             )
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as error:
-            raise GuardEngineError(f"guard server sent an unexpected body: {response.text[:200]}") from error
+            raise GuardEngineError(f"guard server sent an unexpected body: {text[:200]}") from error
         return output
+
+    async def _post(self, path: str, content: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
+        """POST to the guard server: its status and whole body (RequestFailed past _MAX_ANSWER_BYTES)."""
+        answer = await self._client.open("POST", f"{self._url}{path}", headers, content)
+        try:
+            return answer.status_code, await answer.read(_MAX_ANSWER_BYTES)
+        except ValueError as error:
+            raise http_client.RequestFailed(str(error)) from None
+        finally:
+            await answer.aclose()
 
     async def ready(self) -> bool:
         """True when the server lists its models."""
-        if self._client.is_closed:
+        if self._client.closed:
             return False
         try:
-            response = await self._client.get("/models", timeout=5.0)
-        except httpx.HTTPError:
+            answer = await self._client.open("GET", f"{self._url}/models", timeouts=http_client.Timeouts(5.0, 5.0))
+        except http_client.RequestFailed:
             return False
-        return response.status_code == 200
+        await answer.aclose()
+        return answer.status_code == 200
 
     async def aclose(self) -> None:
         """Close the connection pool."""
