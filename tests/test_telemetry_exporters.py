@@ -3,6 +3,7 @@ loopback that decode the protobuf, and the resource from OTEL_SERVICE_NAME / OTE
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from concurrent import futures
@@ -12,13 +13,16 @@ from typing import Any
 import grpc
 import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from rsafe_proxy.config import Settings
-from rsafe_proxy.telemetry.exporters import otlp_protocol, resource
+from rsafe_proxy.telemetry.exporters import JsonLinesExporter, otlp_protocol, resource
 from tests.doubles import ScriptedGuard
 from tests.fake_upstream import FakeUpstream
 from tests.serving import Servers, proxy_config, run_proxy
@@ -165,3 +169,34 @@ def test_the_protocol_follows_the_standard_variables(env: dict[str, str], protoc
 def test_a_protocol_the_proxy_cannot_speak_is_refused_not_ignored() -> None:
     with pytest.raises(ValueError, match="http/json"):
         otlp_protocol({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://x:4318", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"})
+
+
+def test_the_spans_file_holds_each_span_as_the_sdk_writes_it(tmp_path: Path) -> None:
+    # the exporter builds each line itself (the resource turned into JSON once, not once a span): the lines must
+    # stay what ReadableSpan.to_json writes, field for field, whatever the span holds
+    path = tmp_path / "spans.jsonl"
+    provider = TracerProvider(resource=resource("rsafe-proxy", "1.2.3"))
+    exporter = JsonLinesExporter(str(path))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+    finished: list[ReadableSpan] = []
+    provider.add_span_processor(_Collect(finished))
+    with tracer.start_as_current_span("parent", kind=SpanKind.SERVER) as parent:
+        parent.set_attribute("rsafe.tenant", "bank")
+        with tracer.start_as_current_span("child", links=[Link(parent.get_span_context(), {"why": "x"})]) as child:
+            child.add_event("verdict", {"rsafe.verdict": "unsafe", "list": ["a", "b"]})
+            child.set_status(Status(StatusCode.ERROR, "the guard said no"))
+    provider.shutdown()
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [line["name"] for line in lines] == ["child", "parent"]
+    assert lines == [json.loads(span.to_json()) for span in finished]
+    assert lines[0]["parent_id"] is not None and lines[0]["status"]["description"] == "the guard said no"
+    assert lines[1]["resource"]["attributes"]["service.version"] == "1.2.3"
+
+
+class _Collect(SpanProcessor):
+    def __init__(self, into: list[ReadableSpan]) -> None:
+        self.into = into
+
+    def on_end(self, span: ReadableSpan) -> None:
+        self.into.append(span)

@@ -4,10 +4,14 @@ OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES."""
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from collections.abc import Mapping, Sequence
+from typing import Any
 
+from opentelemetry import trace
+from opentelemetry.sdk import util
 from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, OTELResourceDetector, Resource
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
@@ -21,9 +25,10 @@ class JsonLinesExporter(SpanExporter):
     def __init__(self, path: str) -> None:
         self._path = path
         self._lock = threading.Lock()
+        self._resource: tuple[Resource, dict[str, Any]] | None = None  # the spans' resource, as a dict once
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        data = "".join(span.to_json(indent=None) + "\n" for span in spans).encode()
+        data = "".join(self.line(span) + "\n" for span in spans).encode()
         try:
             # one write on an O_APPEND descriptor: the batch lands whole even when several worker processes
             # append to the same file (a buffered file would write it in pieces that could interleave)
@@ -38,6 +43,31 @@ class JsonLinesExporter(SpanExporter):
         except OSError:
             return SpanExportResult.FAILURE
         return SpanExportResult.SUCCESS
+
+    def line(self, span: ReadableSpan) -> str:
+        """`span` as `ReadableSpan.to_json(indent=None)` writes it, field for field. to_json turns the resource
+        (the same for every span) into JSON with an indent, which takes json's pure-Python encoder, and parses it
+        back, for each span: a tenth of a screened request's CPU. Here that is done once."""
+        if self._resource is None or self._resource[0] is not span.resource:
+            self._resource = (span.resource, json.loads(span.resource.to_json()))
+        parent = span.parent
+        status = {"status_code": str(span.status.status_code.name)}
+        if span.status.description:
+            status["description"] = span.status.description
+        fields = {
+            "name": span.name,
+            "context": ReadableSpan._format_context(span.context) if span.context else None,
+            "kind": str(span.kind),
+            "parent_id": f"0x{trace.format_span_id(parent.span_id)}" if parent is not None else None,
+            "start_time": util.ns_to_iso_str(span.start_time) if span.start_time else None,
+            "end_time": util.ns_to_iso_str(span.end_time) if span.end_time else None,
+            "status": status,
+            "attributes": ReadableSpan._format_attributes(span.attributes),
+            "events": ReadableSpan._format_events(span.events),
+            "links": ReadableSpan._format_links(span.links),
+            "resource": self._resource[1],
+        }
+        return json.dumps(fields)
 
 
 def resource(service_name: str, version: str) -> Resource:
