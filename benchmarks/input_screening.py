@@ -24,8 +24,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from proxy_overhead import free_port, load, proxy_env  # noqa: E402
-from workers import percentile, rsafe_proxy, started  # noqa: E402
+from proxy_overhead import free_port, load, process, proxy_env  # noqa: E402
+from workers import percentile, rsafe_proxy  # noqa: E402
 
 UPSTREAM_DELAY_S = 0.2
 MODES = ("parallel", "sequential")
@@ -81,7 +81,7 @@ def run(requests: int, guard_ms: list[int]) -> list[Cell]:
             with ExitStack() as stack:
                 for kind, port, delay in (("upstream", up, UPSTREAM_DELAY_S), ("guard", guard, latency / 1000)):
                     ready = f"http://127.0.0.1:{port}/v1/models"
-                    stack.enter_context(started([python, script, kind, str(port), str(delay)], ready, cwd=str(work)))
+                    stack.enter_context(process([python, script, kind, str(port), str(delay)], ready, cwd=str(work)))
                 urls = {}
                 for mode in MODES:
                     port = free_port()
@@ -89,7 +89,7 @@ def run(requests: int, guard_ms: list[int]) -> list[Cell]:
                     env["RSAFE_STATE_DIR"] = str(work / f"state-{mode}")
                     argv = [rsafe_proxy(), "serve", "--config", str(config(work, mode)), "--port", str(port)]
                     argv += ["--log-level", "warning"]
-                    stack.enter_context(started(argv, f"http://127.0.0.1:{port}/readyz", env, str(work)))
+                    stack.enter_context(process(argv, f"http://127.0.0.1:{port}/readyz", env, str(work)))
                     urls[mode] = f"http://127.0.0.1:{port}/v1/chat/completions"
                 for mode, url in urls.items():
                     latencies, _ = asyncio.run(load(url, requests, 1, {"authorization": "Bearer sk-bench"}))
