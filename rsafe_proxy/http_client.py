@@ -64,6 +64,13 @@ class Timeouts:
             total=None, connect=self.read_s + self.connect_s, sock_connect=self.connect_s, sock_read=self.read_s
         )
 
+    @property
+    def head_s(self) -> float:
+        """The deadline for the answer's head, from the call: a pooled connection (read_s), a new one
+        (connect_s), the body written (read_s) and the head awaited (read_s). aiohttp times neither the writing
+        of a body nor a wait for "100 Continue": without it a peer that stops reading holds the call for good."""
+        return self.connect_s + 3 * self.read_s
+
 
 def tls_context() -> ssl.SSLContext:
     """Certificate verification against SSL_CERT_FILE / SSL_CERT_DIR where set, else certifi's roots."""
@@ -109,7 +116,7 @@ def os_cause(error: OSError) -> str:
 def _failure(error: BaseException) -> RequestFailed:
     """aiohttp's (or asyncio's) error as ours."""
     if isinstance(error, aiohttp.ConnectionTimeoutError):
-        return RequestTimedOut("no connection within the connect timeout", connecting=True)
+        return RequestTimedOut("no connection within the connect timeout, or none free in the pool", connecting=True)
     if isinstance(error, TimeoutError):  # aiohttp's SocketTimeoutError is one, as is asyncio's
         return RequestTimedOut("no answer within the timeout", connecting=False)
     return RequestFailed(describe(error))
@@ -173,12 +180,17 @@ class HttpClient:
         self.timeouts = timeouts
         self._headers = dict(headers or {})
         self._session: aiohttp.ClientSession | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.closed = False
 
     def _opened(self) -> aiohttp.ClientSession:
         if self.closed:
             raise RequestFailed("the client is closed")
+        loop = asyncio.get_running_loop()
+        if self._loop is not None and self._loop is not loop:  # its connections belong to the first loop
+            raise RequestFailed("the client was made on another event loop")
         if self._session is None:
+            self._loop = loop
             connector = aiohttp.TCPConnector(
                 limit=self.max_connections, keepalive_timeout=_KEEPALIVE_S, ssl=tls_context()
             )
@@ -205,14 +217,16 @@ class HttpClient:
     ) -> Answer:
         """Send the request; the answer comes back with its body unread. `url` is sent as given (encoded)."""
         options: dict[str, Any] = {"allow_redirects": False}
-        if timeouts is not None:
+        timeouts = timeouts or self.timeouts
+        if timeouts is not self.timeouts:
             options["timeout"] = timeouts.aiohttp()
         try:
             target = URL(url, encoded=True)
         except ValueError as error:
             raise RequestFailed(f"the address is not a valid URL ({error})") from None
         try:
-            response = await self._opened().request(method, target, headers=headers, data=content, **options)
+            async with asyncio.timeout(timeouts.head_s):
+                response = await self._opened().request(method, target, headers=headers, data=content, **options)
         except _FAILURES as error:
             raise _failure(error) from error
         except ValueError as error:  # a header aiohttp will not send (a line break in a value, say)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import AsyncIterator, Mapping
 
 from multidict import CIMultiDictProxy
@@ -26,6 +27,8 @@ _NOT_FORWARDED = frozenset(
         "trailer",
         "upgrade",
         "accept-encoding",
+        # the proxy sends the body at once: an upstream that never answers "100 Continue" must not stall the call
+        "expect",
         "authorization",
         "cookie",
         # headers some servers and frameworks route by instead of the request line: the upstream must route
@@ -68,6 +71,11 @@ _NOT_RETURNED = frozenset(
 )
 
 
+# What HTTP allows as a header's name and value (RFC 9110 §5.1, §5.5; obs-text included, as uvicorn sends it).
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_FIELD_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
+
+
 def forward_headers(headers: Mapping[str, str], authorization: str | None) -> dict[str, str]:
     """Client headers fit to send upstream, with the upstream's credentials. Hop-by-hop headers go, those the
     Connection header names included (RFC 9110 §7.6.1)."""
@@ -96,6 +104,8 @@ def returned_headers(headers: Mapping[str, str] | CIMultiDictProxy[str]) -> dict
         lowered = name.lower()
         if lowered in _NOT_RETURNED or lowered in hop or lowered.startswith("x-rsafe-"):
             continue
+        if not (_TOKEN.fullmatch(name) and _FIELD_VALUE.fullmatch(value)):
+            continue  # not a header the proxy's server may send (a control character, say): dropped, not a crash
         out[lowered] = f"{out[lowered]}, {value}" if lowered in out else value
     return out
 

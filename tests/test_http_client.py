@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from rsafe_proxy import http_client
+from rsafe_proxy.upstream import forward_headers, returned_headers
 
 BODY = b'{"ok": true}'
 ANSWER = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(BODY), BODY)
@@ -251,3 +252,55 @@ def test_a_closed_client_refuses_requests() -> None:
             await client.open("GET", "http://127.0.0.1:9/")
 
     asyncio.run(check())
+
+
+def test_a_server_that_stops_reading_the_body_times_out() -> None:
+    # aiohttp times neither the writing of a body nor a wait for "100 Continue": the call has a deadline for the
+    # answer's head (connect + 3 x read), so a peer that reads the head and then nothing cannot hold it for good
+    async def never_reads(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(10)
+
+    async def check(url: str, connections: list[int]) -> None:
+        client = http_client.HttpClient(4, http_client.Timeouts(0.2, 0.2))
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(http_client.RequestTimedOut):
+            await client.open("POST", f"{url}/v1/x", {"content-type": "application/json"}, b"x" * (32 << 20))
+        assert asyncio.get_running_loop().time() - started < 5
+        await client.aclose()
+
+    _serve(never_reads, check)
+
+
+def test_a_client_refuses_a_second_event_loop() -> None:
+    async def keep_alive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await _request(reader):
+            writer.write(ANSWER)
+            await writer.drain()
+
+    client = _client()
+
+    async def check(url: str, connections: list[int]) -> None:
+        assert await _get(client, f"{url}/a") == BODY
+
+    _serve(keep_alive, check)
+
+    async def elsewhere() -> None:  # its pooled connections belong to the loop it was first used on
+        with pytest.raises(http_client.RequestFailed, match="another event loop"):
+            await client.open("GET", "http://127.0.0.1:9/")
+
+    asyncio.run(elsewhere())
+
+
+def test_headers_the_proxy_could_not_send_on_are_dropped_and_expect_is_not_forwarded() -> None:
+    # aiohttp reads header values leniently (a control character passes); uvicorn refuses to send one, which would
+    # drop the client's connection with no answer: such a header is left out instead
+    answer = {
+        "x-fine": "a\tb",
+        "x-control": "a\x0bb",
+        "x-wide": "caf\u00e9 \u2603",
+        "bad name": "x",
+        "x-rsafe-input": "allow",
+    }
+    assert returned_headers(answer) == {"x-fine": "a\tb"}
+    assert "expect" not in forward_headers({"expect": "100-continue", "content-type": "application/json"}, None)
