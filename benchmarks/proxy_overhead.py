@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aiohttp
 import httpx
 
 HERE = Path(__file__).resolve().parent
@@ -90,14 +91,18 @@ async def load(url: str, requests: int, concurrency: int, headers: dict[str, str
     gate = asyncio.Semaphore(concurrency)
     latencies: list[float] = []
     body = {"model": "fake-model", "messages": [{"role": "user", "content": "Write one line about the sea."}]}
-    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=concurrency)) as client:
+    # aiohttp: the load generator shares the cores with what it measures, so it should cost little (httpx cost
+    # more CPU per request than the proxy itself after the proxy moved to aiohttp: see benchmarks/README.md)
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as client:
 
         async def one(number: int) -> None:
             async with gate:
                 started = time.perf_counter()
                 payload = {**body, "messages": [{"role": "user", "content": f"Line {number} about the sea."}]}
-                response = await client.post(url, json=payload, headers=headers)
-                response.raise_for_status()
+                async with client.post(url, json=payload, headers=headers) as response:
+                    await response.read()
+                    response.raise_for_status()
                 latencies.append(time.perf_counter() - started)
 
         await one(-1)  # warm the connection pools
