@@ -43,6 +43,10 @@ class RequestFailed(Exception):
         self.cause = cause
 
 
+class AnswerTooLarge(RequestFailed):
+    """The answer's body went past the size its reader allows."""
+
+
 class RequestTimedOut(RequestFailed):
     """No connection, or no (more) answer, within the timeout."""
 
@@ -82,7 +86,7 @@ def tls_context() -> ssl.SSLContext:
     return ssl.create_default_context(cafile=certifi.where())
 
 
-def describe(error: BaseException) -> str:
+def _describe(error: BaseException) -> str:
     """Why a request failed, in words a user can act on: DNS, refused, TLS, a broken connection."""
     if isinstance(error, aiohttp.ClientConnectorCertificateError):
         return f"the TLS certificate was not accepted ({error.certificate_error})"
@@ -119,7 +123,7 @@ def _failure(error: BaseException) -> RequestFailed:
         return RequestTimedOut("no connection within the connect timeout, or none free in the pool", connecting=True)
     if isinstance(error, TimeoutError):  # aiohttp's SocketTimeoutError is one, as is asyncio's
         return RequestTimedOut("no answer within the timeout", connecting=False)
-    return RequestFailed(describe(error))
+    return RequestFailed(_describe(error))
 
 
 _FAILURES = (aiohttp.ClientError, OSError, TimeoutError, asyncio.IncompleteReadError)
@@ -158,12 +162,12 @@ class Answer:
             raise _failure(error) from error
 
     async def read(self, max_bytes: int) -> bytes:
-        """The whole body; RequestFailed where it breaks off, ValueError past `max_bytes`."""
+        """The whole body; RequestFailed where it breaks off, AnswerTooLarge past `max_bytes`."""
         body = bytearray()
         async for chunk in self.chunks():
             body += chunk
             if len(body) > max_bytes:
-                raise ValueError(f"the answer is over {max_bytes} bytes")
+                raise AnswerTooLarge(f"the answer is over {max_bytes} bytes")
         return bytes(body)
 
     async def aclose(self) -> None:

@@ -7,11 +7,18 @@ import contextlib
 import re
 from collections.abc import AsyncIterator, Mapping
 
-from multidict import CIMultiDictProxy
 from yarl import URL
 
 from rsafe_proxy.errors import UpstreamTimeout, UpstreamUnavailable
-from rsafe_proxy.http_client import Answer, HttpClient, RequestFailed, RequestTimedOut, os_cause, tls_context
+from rsafe_proxy.http_client import (
+    Answer,
+    AnswerTooLarge,
+    HttpClient,
+    RequestFailed,
+    RequestTimedOut,
+    os_cause,
+    tls_context,
+)
 
 # Headers that describe one hop, or that the proxy sets itself.
 _NOT_FORWARDED = frozenset(
@@ -79,7 +86,7 @@ _FIELD_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
 def forward_headers(headers: Mapping[str, str], authorization: str | None) -> dict[str, str]:
     """Client headers fit to send upstream, with the upstream's credentials. Hop-by-hop headers go, those the
     Connection header names included (RFC 9110 §7.6.1)."""
-    hop = {name.strip().lower() for value in _values(headers, "connection") for name in value.split(",")}
+    hop = _hop_names(headers)
     out = {name: value for name, value in headers.items() if name.lower() not in _NOT_FORWARDED | hop}
     out["accept-encoding"] = "identity"  # the proxy must read what it screens
     if authorization:
@@ -87,20 +94,21 @@ def forward_headers(headers: Mapping[str, str], authorization: str | None) -> di
     return out
 
 
-def _values(headers: Mapping[str, str], wanted: str) -> list[str]:
-    return [value for name, value in headers.items() if name.lower() == wanted]
+def _hop_names(headers: Mapping[str, str]) -> set[str]:
+    """The headers a Connection header names (every one of them, where it is sent more than once)."""
+    named = (value for name, value in headers.items() if name.lower() == "connection")
+    return {name.strip().lower() for value in named for name in value.split(",")}
 
 
-def returned_headers(headers: Mapping[str, str] | CIMultiDictProxy[str]) -> dict[str, str]:
+def returned_headers(headers: Mapping[str, str]) -> dict[str, str]:
     """Upstream response headers fit to pass back to the client: never one named like the proxy's own
     (`x-rsafe-*`), which an upstream could send to forge a verdict where the proxy sets none, nor one of those
     above or that its Connection header names. A header sent more than once comes back once, its values joined
     by commas. The upstream's `x-request-id` is returned (the OpenAI SDK reports it as the request id); where it
     sends none, the client's own comes back (telemetry.http)."""
-    pairs = list(headers.items())
-    hop = {name.strip().lower() for key, value in pairs if key.lower() == "connection" for name in value.split(",")}
+    hop = _hop_names(headers)
     out: dict[str, str] = {}
-    for name, value in pairs:
+    for name, value in headers.items():
         lowered = name.lower()
         if lowered in _NOT_RETURNED or lowered in hop or lowered.startswith("x-rsafe-"):
             continue
@@ -183,12 +191,12 @@ class Upstream:
         """The whole body, mapping a broken transfer, or one over `max_bytes`, to UpstreamUnavailable."""
         try:
             return await response.read(max_bytes)
+        except AnswerTooLarge:
+            raise UpstreamUnavailable(f"The upstream model sent an answer over {max_bytes} bytes.") from None
         except RequestTimedOut:
             raise UpstreamTimeout("The upstream model stopped sending its answer in time.") from None
         except RequestFailed as error:
             raise UpstreamUnavailable(f"The upstream answer broke off: {error.cause}.") from None
-        except ValueError:
-            raise UpstreamUnavailable(f"The upstream model sent an answer over {max_bytes} bytes.") from None
         finally:
             await response.aclose()
 

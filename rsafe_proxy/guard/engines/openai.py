@@ -128,12 +128,10 @@ class OpenAIEngine:
         return output
 
     async def _post(self, path: str, content: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
-        """POST to the guard server: its status and whole body (RequestFailed past _MAX_ANSWER_BYTES)."""
+        """POST to the guard server: its status and whole body (AnswerTooLarge past _MAX_ANSWER_BYTES)."""
         answer = await self._client.open("POST", f"{self._url}{path}", headers, content)
         try:
             return answer.status_code, await answer.read(_MAX_ANSWER_BYTES)
-        except ValueError as error:
-            raise http_client.RequestFailed(str(error)) from None
         finally:
             await answer.aclose()
 
