@@ -67,6 +67,7 @@ class FakeUpstream:
     script_breaks: bool = False  # after the script, the connection breaks (the chunked body never ends)
     lenient: bool = False  # paths it does not serve are answered with UNSAFE_ANSWER instead of 404
     raw_answer: bytes | None = None  # a non-streamed answer sent byte for byte (200, application/json)
+    raw_encoding: str | None = None  # the content-encoding raw_answer is sent under (its bytes encoded so)
     requests: list[Received] = field(default_factory=list)
     stored: dict[str, dict[str, Any]] = field(default_factory=dict)  # non-streamed answers by id, as OpenAI stores
     aborted: threading.Event = field(default_factory=threading.Event)
@@ -126,7 +127,8 @@ class FakeUpstream:
             return Response(status_code=499)
         if self.raw_answer is not None and body.get("stream") is not True:
             self._finished()
-            return Response(self.raw_answer, media_type="application/json")
+            encoded = {"content-encoding": self.raw_encoding} if self.raw_encoding else None
+            return Response(self.raw_answer, media_type="application/json", headers=encoded)
         if self.crafted is not None and body.get("stream") is not True:
             self._finished()
             return JSONResponse(self.crafted)

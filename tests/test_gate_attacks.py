@@ -6,6 +6,7 @@ with the scripted guard and the fake upstream; each test names the attack it sho
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -236,6 +237,21 @@ def test_a_stream_with_more_choices_than_asked_is_cut(
     raw = stream_raw(proxy)
     assert '"word 200"' not in raw
     assert '"error"' in raw and len(guard.judged("output")) <= 128  # the choices before the cut are judged
+
+
+@pytest.mark.parametrize("unsafe", [True, False])
+def test_a_compressed_answer_is_judged_as_it_reads(proxy: Proxy, upstream: FakeUpstream, unsafe: bool) -> None:
+    # the proxy asks for identity, but an upstream may compress anyway: the answer is decoded, then judged, and
+    # the client gets the decoded bytes without the content-encoding that no longer describes them
+    text = UNSAFE_ANSWER if unsafe else "A calm sea at dawn."
+    upstream.raw_answer = gzip.compress(json.dumps(completion(text)).encode())
+    upstream.raw_encoding = "gzip"
+    reply = post(proxy, CHAT, CHAT_BODY)
+    assert reply.status_code == 200 and "content-encoding" not in reply.headers
+    if unsafe:
+        assert UNSAFE not in reply.text and reply.json()["choices"][0]["finish_reason"] == "content_filter"
+    else:
+        assert reply.json()["choices"][0]["message"]["content"] == text
 
 
 def test_an_answer_hidden_by_zero_width_characters_is_judged(proxy: Proxy, upstream: FakeUpstream) -> None:
