@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.sdk import util
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
@@ -22,7 +23,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from rsafe_proxy.config import Settings
-from rsafe_proxy.telemetry.exporters import JsonLinesExporter, otlp_protocol, resource
+from rsafe_proxy.telemetry.exporters import JsonLinesExporter, iso_time, otlp_protocol, resource
 from tests.doubles import ScriptedGuard
 from tests.fake_upstream import FakeUpstream
 from tests.serving import Servers, proxy_config, run_proxy
@@ -183,8 +184,11 @@ def test_the_spans_file_holds_each_span_as_the_sdk_writes_it(tmp_path: Path) -> 
     provider.add_span_processor(_Collect(finished))
     with tracer.start_as_current_span("parent", kind=SpanKind.SERVER) as parent:
         parent.set_attribute("rsafe.tenant", "bank")
+        parent.set_attribute("rsafe.score", 0.1 + 0.2)
+        parent.set_attribute("rsafe.count", 2**70)  # past 64 bits: orjson refuses it, json writes it
         with tracer.start_as_current_span("child", links=[Link(parent.get_span_context(), {"why": "x"})]) as child:
             child.add_event("verdict", {"rsafe.verdict": "unsafe", "list": ["a", "b"]})
+            child.add_event("excerpt", {"rsafe.excerpt": "half a pair \ud83d, é and 😀"})  # a lone surrogate too
             child.set_status(Status(StatusCode.ERROR, "the guard said no"))
     provider.shutdown()
     lines = [json.loads(line) for line in path.read_text().splitlines()]
@@ -200,3 +204,9 @@ class _Collect(SpanProcessor):
 
     def on_end(self, span: ReadableSpan) -> None:
         self.into.append(span)
+
+
+@pytest.mark.parametrize("nanoseconds", [1, 999_999_999, 1_764_700_000_000_000_500, 1_764_700_000_999_999_500, 2**62])
+def test_span_times_are_written_as_the_sdk_writes_them(nanoseconds: int) -> None:
+    # the same rounding to microseconds, at the edges of a second too
+    assert iso_time(nanoseconds) == util.ns_to_iso_str(nanoseconds)
