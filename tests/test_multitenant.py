@@ -346,6 +346,7 @@ def test_a_broken_policy_edit_under_traffic_loses_no_request_and_changes_no_deci
             time.sleep(0.05)
             edit(strict, good)
             wait_for(lambda: httpx.get(f"{proxy.url}/readyz").json()["policy_errors"] == {})
+        wait_for(lambda: len(served) > 50, seconds=30)  # traffic went on across the edits (however fast they went)
     finally:
         stop.set()
         for worker in workers:
