@@ -208,12 +208,17 @@ async def stream_once(client: httpx.AsyncClient, url: str, key: str, prompt: str
 
 
 def ahead(seen: Streamed, answered: list[dict[str, Any]]) -> tuple[int, list[int]]:
-    """The most characters the client held that no output verdict had passed yet, and the lengths judged."""
+    """The most characters the client held that no output verdict had passed yet, or before the input's verdict
+    came (all of them: the windows are judged while the input is, never released before it), and the lengths
+    judged."""
     mine = [a for a in answered if a["side"] == "output" and seen.prompt in a["prompt"]]
     mine = [a for a in mine if ANSWER.startswith(a["judged"])]  # each window: the answer so far
+    passed = min((a["at"] for a in answered if a["side"] == "input" and seen.prompt in a["prompt"]), default=None)
     worst = 0
     for _, wall, text in seen.arrivals:
         covered = max((len(a["judged"]) for a in mine if a["at"] <= wall), default=0)
+        if passed is None or wall < passed:
+            covered = 0
         worst = max(worst, len(text.strip()) - covered)
     return worst, sorted(len(a["judged"]) for a in mine)
 

@@ -3,7 +3,7 @@ so that the HTTP surface (routes.py) and the pipeline share no framework types."
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 from rsafe_proxy.policy.schema import Policy
@@ -23,12 +23,14 @@ class Reply:
 class StreamReply:
     """A streamed response; `chunks` must be iterated to the end or closed. `ending(message)`: the event that ends
     an event stream the proxy stops before its end (a shutdown), as the stream's API ends one (None: the generic
-    error event ends it, as it ends a stream the proxy does not read)."""
+    error event ends it, as it ends a stream the proxy does not read). `closing()`: awaited once the response is
+    over, however it ended, also when its chunks were never iterated (a client gone before the first one)."""
 
     status: int
     headers: dict[str, str]
     chunks: AsyncIterator[bytes]
     ending: Callable[[str], bytes | None] | None = None
+    closing: Callable[[], Awaitable[None]] | None = None
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -61,6 +61,21 @@ async def _discard(task: asyncio.Task[Answer] | None) -> None:
     with contextlib.suppress(BaseException):
         response = await task
         await response.aclose()
+
+
+def _is_event_stream(response: Answer) -> bool:
+    return response.headers.get("content-type", "").startswith("text/event-stream")
+
+
+Discard = Callable[[], Awaitable[None]]
+
+
+async def _abandon(early: tuple[StreamReply, Discard] | None, upstream: asyncio.Task[Answer] | None) -> None:
+    """Drop a streamed answer that will not be released (its windows' reading and guard calls stop first), then
+    the upstream call."""
+    if early is not None:
+        await early[1]()
+    await _discard(upstream)
 
 
 class Pipeline:
@@ -204,41 +219,61 @@ class Pipeline:
     async def _complete(self, state: Screening, stream: bool) -> Reply | StreamReply:
         call = state.call
         upstream: asyncio.Task[Answer] | None = None
+        early: tuple[StreamReply, Discard] | None = None
         screening = asyncio.create_task(self.screens.screen_input(state))
         if self.parallel and not state.dialect.acts_upstream(state.body):
             upstream = asyncio.create_task(self._open(state, call, call.body))
         try:
+            if stream and upstream is not None:
+                early = await self._early_stream(state, screening, upstream)
             verdict, decision, judged = await screening
         except BaseException:
             screening.cancel()
-            await _discard(upstream)
+            await _abandon(early, upstream)
             raise
         content = call.body
+        if decision.outcome in (Outcome.BLOCK, Outcome.GUARD_ERROR_BLOCK, Outcome.REWRITE):
+            await _abandon(early, upstream)
+            early, upstream = None, None
         if decision.outcome is Outcome.BLOCK:
-            await _discard(upstream)
             extra = {"policy": call.policy.id}
             if verdict is not None and call.policy.reasoning.return_to_client:
                 extra["reasoning"] = verdict.reasoning
             raise ContentBlocked(decision.message, decision.categories, extra)
         if decision.outcome is Outcome.GUARD_ERROR_BLOCK:
-            await _discard(upstream)
             raise GuardUnavailable(decision.message)
         if decision.outcome is Outcome.REWRITE:
-            await _discard(upstream)
-            upstream = None
             content = encode_json(self._rewritten(state, judged, decision.message))
+        if early is not None:
+            early[0].headers.update(self._headers(state, decision))
+            return early[0]
         if upstream is None:
             upstream = asyncio.create_task(self._open(state, call, content))
         response = await upstream
         headers = {**returned_headers(response.headers), **self._headers(state, decision)}
         if await _upstream_error(response):
             return Reply(response.status_code, (await self._read(state, response))[0], headers)
-        if stream and response.headers.get("content-type", "").startswith("text/event-stream"):
+        if stream and _is_event_stream(response):
             return self._streamed(state, response, headers)
         raw, value = await self._read(state, response)
         body = await self._screen_answer(state, raw, value)
         # x-rsafe-overhead-ms (the proxy's own time) is set on every response by telemetry.http.TraceRequests
         return Reply(200, body, headers)
+
+    async def _early_stream(
+        self, state: Screening, screening: asyncio.Future[Any], upstream: asyncio.Task[Answer]
+    ) -> tuple[StreamReply, Discard] | None:
+        """The streamed answer, its windows read and judged from now on, when the upstream starts it before the
+        input's verdict comes (else None): the first window's verdict then need not wait for the input's. Nothing
+        of it is released before both have passed (the reply is returned after the input's verdict, and `_abandon`
+        drops it when that verdict stops the request)."""
+        await asyncio.wait([screening, upstream], return_when=asyncio.FIRST_COMPLETED)
+        if screening.done() or upstream.cancelled() or upstream.exception() is not None:
+            return None
+        response = upstream.result()
+        if response.status_code != 200 or not _is_event_stream(response):
+            return None
+        return self._screened_stream(state, response, returned_headers(response.headers))
 
     def _headers(self, state: Screening, decision: Decision) -> dict[str, str]:
         policy = state.call.policy
@@ -271,7 +306,7 @@ class Pipeline:
             headers = returned_headers(response.headers)
             if await _upstream_error(response):
                 return Reply(response.status_code, (await self._read(state, response))[0], headers)
-            if response.headers.get("content-type", "").startswith("text/event-stream"):  # a resumed stream
+            if _is_event_stream(response):  # a resumed stream
                 streamed = True
                 return self._streamed(state, response, headers)
             raw, value = await self._read(state, response)
@@ -329,8 +364,30 @@ class Pipeline:
 
     def _streamed(self, state: Screening, response: Answer, headers: dict[str, str]) -> StreamReply:
         """The upstream's event stream, screened; a shutdown ends it as its dialect ends a failed stream."""
+        return self._screened_stream(state, response, headers)[0]
+
+    def _screened_stream(
+        self, state: Screening, response: Answer, headers: dict[str, str]
+    ) -> tuple[StreamReply, Discard]:
+        """The screened stream, its reading and judging begun now (see WindowedScreen.start), and what drops it
+        while none of it was released. Its reply's `closing` ends it however the response went, also when its
+        chunks were never iterated (a client gone before the first): the reading stops, the request's spans end."""
         windowed = self._windowed(state)
-        return StreamReply(200, headers, self._stream(state, response, windowed), ending=windowed.stop_event)
+        reading = AnswerReading()
+        windowed.start(_read_events(sse_events(waited(Upstream.chunks(response))), state.dialect, reading))
+
+        async def discard() -> None:
+            if not windowed.running:  # once running, the stream's own ending does this (see _stream)
+                await windowed.stop()
+                await response.aclose()
+
+        async def closing() -> None:
+            if not windowed.running:
+                await discard()
+                self._end(state)
+
+        body = self._stream(state, response, windowed, reading)
+        return StreamReply(200, headers, body, ending=windowed.stop_event, closing=closing), discard
 
     def _windowed(self, state: Screening) -> WindowedScreen:
         """The windowed screen of the request's streamed answer."""
@@ -350,12 +407,12 @@ class Pipeline:
             decision_id=trace.format_trace_id(ids.trace_id) if ids.is_valid else None,
         )
 
-    async def _stream(self, state: Screening, response: Answer, windowed: WindowedScreen) -> AsyncIterator[bytes]:
-        reading = AnswerReading()
+    async def _stream(
+        self, state: Screening, response: Answer, windowed: WindowedScreen, reading: AnswerReading
+    ) -> AsyncIterator[bytes]:
         upstream_call = state.opened.pop(id(response), None)
         try:
-            events = sse_events(waited(Upstream.chunks(response)))
-            async for chunk in windowed.run(_read_events(events, state.dialect, reading)):
+            async for chunk in windowed.run():
                 yield chunk
         finally:
             await response.aclose()

@@ -6,13 +6,13 @@ import asyncio
 import contextlib
 import os
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import Scope
+from starlette.types import Receive, Scope, Send
 
 from rsafe_proxy.apis import CHAT, COMPLETIONS, RESPONSES, guardrail
 from rsafe_proxy.calls import Call, Reply, StreamReply
@@ -144,13 +144,29 @@ async def _call(request: Request) -> Call:
     )
 
 
-def _response(reply: Reply | StreamReply, drain: Drain) -> Response:
+class _StreamedResponse(StreamingResponse):
+    """A StreamReply sent: its `closing` awaited once the response is over, however it ended."""
+
+    def __init__(self, reply: StreamReply, chunks: AsyncIterator[bytes]) -> None:
+        super().__init__(chunks, status_code=reply.status, headers=reply.headers)
+        self.closing = reply.closing
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if self.closing is not None:
+                await self.closing()
+
+
+def reply_response(reply: Reply | StreamReply, drain: Drain) -> Response:
+    """The response that sends `reply` (an event stream ends cleanly at shutdown, see until_drained)."""
     if isinstance(reply, Reply):
         return Response(reply.body, status_code=reply.status, headers=reply.headers)
     chunks = reply.chunks
     if any(k.lower() == "content-type" and v.startswith("text/event-stream") for k, v in reply.headers.items()):
         chunks = until_drained(chunks, drain, reply.ending)  # at shutdown an event stream ends with an error event
-    return StreamingResponse(chunks, status_code=reply.status, headers=reply.headers)
+    return _StreamedResponse(reply, chunks)
 
 
 async def _until_disconnect(request: Request) -> None:
@@ -180,7 +196,7 @@ async def _serve(request: Request, work: Callable[[Pipeline, Call], Awaitable[Re
             if stopped:
                 return error_response(ServerShuttingDown(SHUTDOWN_MESSAGE))
             return Response(status_code=499)
-        return _response(task.result(), runtime.drain)
+        return reply_response(task.result(), runtime.drain)
     except ProxyError as error:
         return error_response(error)
 

@@ -203,6 +203,10 @@ class WindowedScreen:
     _closed: int = 0  # windows closed: the next one's number in the plan
     _plan: WindowPlan = field(init=False)
     _shown: dict[str, Any] = field(default_factory=dict)  # the template as of the events released so far
+    _events: AsyncIterator[Event] | None = None  # what start took
+    running: bool = False  # run has begun: what it releases, and its ending, are its own
+    # chunked and buffer mode, once started: the windows closed (in order), and the task reading the upstream
+    _filling: tuple[_Room, asyncio.Task[None]] | None = None
 
     def __post_init__(self) -> None:
         self._plan = WindowPlan(self.settings.first_chars, self.settings.window_chars)
@@ -333,14 +337,37 @@ class WindowedScreen:
             return b"".join(self._numbered(event) for event in events)
         return self.dialect.end_marker
 
-    async def run(self, events: AsyncIterator[Event]) -> AsyncIterator[bytes]:
-        """The bytes to send to the client, in order, each only after its verdict (chunked/buffer)."""
-        if self.settings.mode is StreamMode.ASYNC:
-            async for out in self._run_async(events):
+    def start(self, events: AsyncIterator[Event]) -> None:
+        """Take the upstream's events. In chunked and buffer mode, begin reading and judging them at once, before
+        anything is released: the caller may still wait for the input's verdict (`run` releases them after it,
+        `stop` drops them). In async mode, whose text goes out as it comes, nothing is read before `run`."""
+        self._events = events
+        if self.settings.mode is not StreamMode.ASYNC:
+            room = _Room(self.settings.windows_in_flight, self.settings.max_held_bytes)
+            self._filling = room, asyncio.create_task(self._fill(events, room))
+
+    async def stop(self) -> None:
+        """Stop reading and judging: the stream will not be released (the reading and every guard call stop)."""
+        if self._filling is not None:
+            room, reading = self._filling
+            reading.cancel()
+            for waiting in room.waiting:
+                _drop(waiting.verdict)
+            await asyncio.wait([reading])
+
+    async def run(self, events: AsyncIterator[Event] | None = None) -> AsyncIterator[bytes]:
+        """The bytes to send to the client, in order, each only after its verdict (chunked/buffer); of `events`,
+        or of those `start` took."""
+        self.running = True
+        if events is not None:
+            self.start(events)
+        if self.settings.mode is StreamMode.ASYNC and self._events is not None:
+            async for out in self._run_async(self._events):
                 yield out
             return
-        room = _Room(self.settings.windows_in_flight, self.settings.max_held_bytes)
-        reading = asyncio.create_task(self._fill(events, room))
+        if self._filling is None:
+            raise RuntimeError("WindowedScreen.run: no events (neither given nor started)")
+        room, reading = self._filling
         try:
             while True:
                 window = await room.next()
@@ -358,10 +385,7 @@ class WindowedScreen:
                     self._shown = window.template
                     yield b"".join(window.held)
         finally:  # a cut, or a client that left: the reading and every guard call still running stop
-            reading.cancel()
-            for waiting in room.waiting:
-                _drop(waiting.verdict)
-            await asyncio.wait([reading])
+            await self.stop()
 
     async def _fill(self, events: AsyncIterator[Event], room: _Room) -> None:
         """Read the upstream into windows, each judged as soon as it closes, never waiting for a verdict unless
