@@ -11,7 +11,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import openai
 import pytest
@@ -40,6 +40,8 @@ from tests.serving import write_policy
 from tests.test_streaming import WITHHELD, chunk, parsed, text_of
 
 pytestmark = pytest.mark.anyio
+
+T = TypeVar("T")
 
 # Sentences of 33 characters each (with the space after them).
 SENTENCES = [f"This is sentence number {n:02d} here. " for n in range(24)]
@@ -404,7 +406,7 @@ def _policy(make_proxy: MakeProxy, tmp_path: Path, mode: str) -> Any:
     return make_proxy(tenants=[{"id": "default", "anonymous": True, "policy": str(path)}])
 
 
-def _chat_texts(client: openai.OpenAI, seen: Callable[[], int]) -> tuple[str, int | None]:
+def _chat_texts(client: openai.OpenAI, seen: Callable[[], T]) -> tuple[str, T | None]:
     """The streamed text, and `seen()` when its first text arrived."""
     text, first = "", None
     with client.chat.completions.create(
@@ -418,7 +420,7 @@ def _chat_texts(client: openai.OpenAI, seen: Callable[[], int]) -> tuple[str, in
     return text, first
 
 
-def _responses_texts(client: openai.OpenAI, seen: Callable[[], int]) -> tuple[str, int | None]:
+def _responses_texts(client: openai.OpenAI, seen: Callable[[], T]) -> tuple[str, T | None]:
     text, first = "", None
     with client.responses.create(model="fake-model", input="tell", stream=True) as stream:
         for event in stream:
@@ -493,16 +495,7 @@ def test_the_first_window_is_judged_while_the_input_verdict_is_pending_and_relea
     upstream.answer, upstream.token_delay_s = ANSWER, 0.002
     guard.delay_s, guard.only_side = 0.8, "input"
     with proxy.client() as client:
-        first: float | None = None
-        text = ""
-        with client.chat.completions.create(
-            model="fake-model", messages=[{"role": "user", "content": "tell"}], stream=True
-        ) as stream:
-            for piece in stream:
-                for choice in piece.choices:
-                    if choice.delta.content:
-                        first = time.monotonic() if first is None else first
-                        text += choice.delta.content
+        text, first = _chat_texts(client, time.monotonic)
     assert text == ANSWER
     asked = {call.side: at for call, at in reversed(list(zip(guard.calls, guard.arrived, strict=True)))}
     assert asked["output"] - asked["input"] < guard.delay_s  # not held back until the input had passed
