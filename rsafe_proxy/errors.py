@@ -49,6 +49,14 @@ class PayloadTooLarge(ProxyError):
         return {"connection": "close"}
 
 
+class HeadTooLarge(ProxyError):
+    """The request line and headers are larger than the server reads (the connection is closed)."""
+
+    status = 431
+    type = "invalid_request_error"
+    code = "request_header_fields_too_large"
+
+
 class ContentTooLong(ProxyError):
     """The content needs more guard calls than one request may use (guard.max_segments): refused, because
     content the guard has not judged is never passed on."""
