@@ -11,7 +11,7 @@ import enum
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 from importlib import resources
 
 _PLACEHOLDER = re.compile(r"\{(CATEGORIES|PROMPT|RESPONSE)\}")
@@ -95,6 +95,12 @@ def rsafe_line(category: CategoryLine) -> str:
 
 def render_categories(categories: Sequence[CategoryLine], line: Callable[[CategoryLine], str] = rsafe_line) -> str:
     """The category block: one `line` per category, each ending in a newline."""
+    return _category_block(tuple(categories), line)
+
+
+@lru_cache(maxsize=256)
+def _category_block(categories: tuple[CategoryLine, ...], line: Callable[[CategoryLine], str]) -> str:
+    # every guard call renders its policy's block: made once per policy, side and family (a few per tenant)
     return "".join(line(category) + "\n" for category in categories)
 
 

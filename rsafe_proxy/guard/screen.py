@@ -30,6 +30,8 @@ from rsafe_proxy.guard.protocol import (
 )
 from rsafe_proxy.guard.segments import halves, segment_count, segments
 
+_TIMED_OUT = "guard timed out"  # the error of a verdict the guard did not give within guard.timeout_s
+
 
 @dataclass(frozen=True)
 class Verdict:
@@ -308,6 +310,10 @@ class Screener:
             asyncio.Semaphore(self.settings.segments_in_flight),
             _Allowance(self.settings.max_segments - len(pieces)),
         )
+        if len(pieces) == 1:  # most content: judged in this task, without one of its own to wait for
+            return replace(
+                combine(policy, side, [await self._one(call, pieces[0])]), seconds=time.perf_counter() - started
+            )
         tasks = [asyncio.ensure_future(self._piece(call, piece)) for piece in pieces]
         try:
             done, _ = await asyncio.wait(tasks, timeout=self.settings.timeout_s)
@@ -317,9 +323,20 @@ class Screener:
         failures = [error for task in done if not task.cancelled() and (error := task.exception()) is not None]
         if failures:
             raise failures[0]  # ContentTooLong: the engine asked for more, smaller pieces than allowed
-        timed_out = Verdict(Label.UNKNOWN, error="guard timed out")
+        timed_out = Verdict(Label.UNKNOWN, error=_TIMED_OUT)
         verdicts = [task.result() if task in done and not task.cancelled() else timed_out for task in tasks]
         return replace(combine(policy, side, verdicts), seconds=time.perf_counter() - started)
+
+    async def _one(self, call: _Call, piece: Piece) -> Verdict:
+        """The verdict on the only piece, within the screen's timeout (UNKNOWN past it)."""
+        deadline = asyncio.timeout(self.settings.timeout_s)
+        try:
+            async with deadline:
+                return await self._piece(call, piece)
+        except TimeoutError:
+            if not deadline.expired():  # an engine's own, not the screen's: raised as a piece's failure is
+                raise
+            return Verdict(Label.UNKNOWN, error=_TIMED_OUT)
 
     async def _piece(self, call: _Call, piece: Piece) -> Verdict:
         """The verdict on one piece: cached, judged, or (when the engine finds it too long) judged in halves."""

@@ -340,6 +340,7 @@ class Policy(_Frozen):
         """A copy; with `update`, its version is computed afresh (the cached one belongs to this policy)."""
         copy = super().model_copy(update=update, deep=deep)
         copy.__dict__.pop("version", None)
+        copy.__dict__.pop("lines_by_side", None)
         return copy
 
     def judges_role(self, role: str) -> bool:
@@ -357,4 +358,11 @@ class Policy(_Frozen):
 
     def category_lines(self, side: Side) -> tuple[CategoryLine, ...]:
         """The category block the guard sees on `side`."""
-        return tuple(CategoryLine(c.id, c.name, c.description) for c in self.categories_for(side))
+        return self.lines_by_side[side]
+
+    @functools.cached_property
+    def lines_by_side(self) -> dict[Side, tuple[CategoryLine, ...]]:
+        """The category block of each side, made once (every guard call renders one; the policy is frozen)."""
+        return {
+            side: tuple(CategoryLine(c.id, c.name, c.description) for c in self.categories_for(side)) for side in Side
+        }
