@@ -174,7 +174,8 @@ class Pipeline:
             finally:
                 await response.aclose()
 
-        return StreamReply(response.status_code, returned_headers(response.headers), body())
+        # closing: a body never iterated (a client gone before its first chunk) still gives its connection back
+        return StreamReply(response.status_code, returned_headers(response.headers), body(), closing=response.aclose)
 
     # -- screened routes ------------------------------------------------------------------------------------
 
