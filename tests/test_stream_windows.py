@@ -7,20 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import openai
 import pytest
-from starlette.requests import ClientDisconnect
 
 from rsafe_proxy.apis import CHAT
 from rsafe_proxy.apis.choices import DONE
-from rsafe_proxy.calls import StreamReply
-from rsafe_proxy.draining import Drain
 from rsafe_proxy.guard.cache import TTLCache
 from rsafe_proxy.guard.engine import GuardOutput, Sampling
 from rsafe_proxy.guard.families import FAMILIES
@@ -29,7 +25,6 @@ from rsafe_proxy.guard.screen import Screener, ScreenSettings, Verdict
 from rsafe_proxy.policy.decide import Decision, Outcome
 from rsafe_proxy.policy.loading import load_policy
 from rsafe_proxy.policy.schema import StreamMode, StreamSettings
-from rsafe_proxy.routes import reply_response
 from rsafe_proxy.streaming import WindowedScreen, sse_events
 from rsafe_proxy.windowplan import ChoiceText, WindowPlan
 from rsafe_proxy.yamlsource import FileInvalid
@@ -401,12 +396,12 @@ async def test_consecutive_windows_share_their_guard_prompt_up_to_the_new_text(f
 ANSWER = "".join(SENTENCES[:12])  # 420 characters, about 80 words at most
 
 
-def _policy(make_proxy: MakeProxy, tmp_path: Path, mode: str) -> Any:
+def windowed_proxy(make_proxy: MakeProxy, tmp_path: Path, mode: str) -> Any:
     path = write_policy(tmp_path, f"grow-{mode}", stream={"mode": mode})  # the default plan: 64 up to 600
     return make_proxy(tenants=[{"id": "default", "anonymous": True, "policy": str(path)}])
 
 
-def _chat_texts(client: openai.OpenAI, seen: Callable[[], T]) -> tuple[str, T | None]:
+def chat_texts(client: openai.OpenAI, seen: Callable[[], T]) -> tuple[str, T | None]:
     """The streamed text, and `seen()` when its first text arrived."""
     text, first = "", None
     with client.chat.completions.create(
@@ -430,7 +425,7 @@ def _responses_texts(client: openai.OpenAI, seen: Callable[[], T]) -> tuple[str,
     return text, first
 
 
-READERS = {"chat": _chat_texts, "responses": _responses_texts}
+READERS = {"chat": chat_texts, "responses": _responses_texts}
 
 
 @pytest.mark.parametrize("api", sorted(READERS))
@@ -438,7 +433,7 @@ READERS = {"chat": _chat_texts, "responses": _responses_texts}
 def test_streams_are_judged_in_growing_windows_with_the_whole_answer_so_far(
     make_proxy: MakeProxy, upstream: FakeUpstream, guard: ScriptedGuard, tmp_path: Path, mode: str, api: str
 ) -> None:
-    proxy = _policy(make_proxy, tmp_path, mode)
+    proxy = windowed_proxy(make_proxy, tmp_path, mode)
     upstream.answer, upstream.token_delay_s = ANSWER, 0.01
     guard.delay_s, guard.only_side = (0.8 if mode == "chunked" else 0.3), "output"  # a slow guard on the output side
     with proxy.client() as client:
@@ -466,7 +461,7 @@ def test_streams_are_judged_in_growing_windows_with_the_whole_answer_so_far(
 def test_an_unsafe_window_mid_stream_stops_the_release(
     make_proxy: MakeProxy, upstream: FakeUpstream, guard: ScriptedGuard, tmp_path: Path, api: str
 ) -> None:
-    proxy = _policy(make_proxy, tmp_path, "chunked")
+    proxy = windowed_proxy(make_proxy, tmp_path, "chunked")
     upstream.answer = "".join(SENTENCES[:2]) + f"Then {UNSAFE} came. " + "".join(SENTENCES[2:12])
     upstream.token_delay_s = 0.005
     with proxy.client() as client:
@@ -481,70 +476,3 @@ def test_the_policy_schema_describes_the_window_plan() -> None:
     fields = schema["$defs"]["StreamSettings"]["properties"]
     assert {"first_window_chars", "window_chars", "windows_in_flight", "max_held_bytes"} <= set(fields)
     assert "Ignored" in fields["overlap_chars"]["description"]
-
-
-# -- the input's verdict and the first window's, side by side ----------------------------------------------------
-
-
-def test_the_first_window_is_judged_while_the_input_verdict_is_pending_and_released_after_both(
-    make_proxy: MakeProxy, upstream: FakeUpstream, guard: ScriptedGuard, tmp_path: Path
-) -> None:
-    # the upstream streams at once (asked beside the input screen); the input's verdict takes 0.8 s. The first
-    # window's verdict is asked for before the input's comes back, not after it; no text comes out before it
-    proxy = _policy(make_proxy, tmp_path, "chunked")
-    upstream.answer, upstream.token_delay_s = ANSWER, 0.002
-    guard.delay_s, guard.only_side = 0.8, "input"
-    with proxy.client() as client:
-        text, first = _chat_texts(client, time.monotonic)
-    assert text == ANSWER
-    asked = {call.side: at for call, at in reversed(list(zip(guard.calls, guard.arrived, strict=True)))}
-    assert asked["output"] - asked["input"] < guard.delay_s  # not held back until the input had passed
-    assert first is not None and first >= asked["input"] + guard.delay_s  # nothing before the input's verdict
-
-
-def test_an_input_blocked_while_its_answer_is_judged_stops_that_judging_and_sends_none_of_it(
-    make_proxy: MakeProxy, upstream: FakeUpstream, guard: ScriptedGuard, tmp_path: Path
-) -> None:
-    # both verdicts take 1 s; the answer streams at once, so its first window is with the guard when the input's
-    # verdict (unsafe) comes: the client gets the block, none of the answer, and that window's call is dropped
-    proxy = _policy(make_proxy, tmp_path, "chunked")
-    upstream.answer, upstream.token_delay_s = ANSWER, 0.002
-    guard.delay_s = 1.0
-    with proxy.client() as client, pytest.raises(openai.BadRequestError) as raised:
-        started = time.monotonic()
-        with client.chat.completions.create(
-            model="fake-model", messages=[{"role": "user", "content": f"tell me {UNSAFE}"}], stream=True
-        ) as stream:
-            for _ in stream:
-                pytest.fail("a blocked request streamed an answer")
-    assert raised.value.code == "content_filter"
-    assert time.monotonic() - started < 1.8  # the block did not wait for the window's verdict
-    assert guard.judged("output")  # the window was asked for while the input was judged...
-    deadline = time.monotonic() + 5
-    while guard.cancelled < 1 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert guard.cancelled >= 1  # ...and its call dropped when the input was blocked
-
-
-async def test_a_stream_whose_chunks_are_never_iterated_is_still_closed() -> None:
-    # a client gone between the answer's start and its first chunk: the reading begun for its windows (and the
-    # request's spans) would otherwise be left running, as nothing ever iterates the chunks to their end
-    closed: list[bool] = []
-
-    async def chunks() -> AsyncIterator[bytes]:
-        yield b"data: {}\n\n"
-
-    async def closing() -> None:
-        closed.append(True)
-
-    reply = StreamReply(200, {"content-type": "text/event-stream"}, chunks(), closing=closing)
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.disconnect"}
-
-    async def send(message: MutableMapping[str, Any]) -> None:
-        raise OSError("the client is gone")
-
-    with pytest.raises(ClientDisconnect):
-        await reply_response(reply, Drain())({"type": "http", "asgi": {"spec_version": "2.4"}}, receive, send)
-    assert closed == [True]
