@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import json
 import os
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from rsafe_proxy.apis import CHAT, COMPLETIONS, RESPONSES, guardrail
 from rsafe_proxy.calls import Call, Reply, StreamReply
 from rsafe_proxy.console.keys import ConsoleKeys
+from rsafe_proxy.departure import ClientWatch
 from rsafe_proxy.draining import SHUTDOWN_MESSAGE, Drain, until_drained
 from rsafe_proxy.errors import InvalidRequest, NotFound, ProxyError, ServerShuttingDown, Unauthorized
 from rsafe_proxy.paths import pattern_matches
@@ -60,6 +61,12 @@ def error_response(error: ProxyError) -> JSONResponse:
     """The OpenAI-style error body with the error's status and headers, and the decision id (error.decision_id)
     to look the request up by in the traces."""
     return JSONResponse(traced_body(error), status_code=error.status, headers=error.headers())
+
+
+def _error_reply(error: ProxyError) -> Reply:
+    """`error` as error_response sends it (the same JSON, status and headers)."""
+    body = json.dumps(traced_body(error), ensure_ascii=False, separators=(",", ":")).encode()
+    return Reply(error.status, body, {**error.headers(), "content-type": "application/json"})
 
 
 def _runtime(request: Request) -> Runtime:
@@ -144,93 +151,106 @@ async def _call(request: Request) -> Call:
     )
 
 
-class _StreamedResponse(StreamingResponse):
-    """A StreamReply sent: its `closing` awaited once the response is over, however it ended."""
-
-    def __init__(self, reply: StreamReply, chunks: AsyncIterator[bytes]) -> None:
-        super().__init__(chunks, status_code=reply.status, headers=reply.headers)
-        self.closing = reply.closing
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            if self.closing is not None:
-                await self.closing()
+def _raw_headers(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
+    return [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
 
 
-def reply_response(reply: Reply | StreamReply, drain: Drain) -> Response:
-    """The response that sends `reply` (an event stream ends cleanly at shutdown, see until_drained)."""
+async def send_reply(reply: Reply | StreamReply, drain: Drain, send: Send) -> None:
+    """Send `reply` (an event stream ends cleanly at shutdown, see until_drained); a stream's `closing` is
+    awaited once it is over, however it ended (a client gone, a send that failed)."""
     if isinstance(reply, Reply):
-        return Response(reply.body, status_code=reply.status, headers=reply.headers)
+        headers = [(name, value) for name, value in _raw_headers(reply.headers) if name != b"content-length"]
+        if reply.status >= 200 and reply.status not in (204, 304):  # as Starlette's Response
+            headers.append((b"content-length", str(len(reply.body)).encode()))
+        await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+        await send({"type": "http.response.body", "body": reply.body})
+        return
     chunks = reply.chunks
     if any(k.lower() == "content-type" and v.startswith("text/event-stream") for k, v in reply.headers.items()):
         chunks = until_drained(chunks, drain, reply.ending)  # at shutdown an event stream ends with an error event
-    return _StreamedResponse(reply, chunks)
+    try:
+        await send({"type": "http.response.start", "status": reply.status, "headers": _raw_headers(reply.headers)})
+        async for chunk in chunks:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    finally:
+        close = getattr(chunks, "aclose", None)  # one stopped mid-way (a client gone) ends now, not at collection
+        if close is not None:
+            await close()
+        if reply.closing is not None:
+            await reply.closing()
 
 
-async def _until_disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _serve(request: Request, work: Callable[[Pipeline, Call], Awaitable[Reply | StreamReply]]) -> Response:
-    """Run `work`; a client that leaves before the answer cancels it (and the upstream and guard calls)."""
+async def _serve(
+    request: Request, send: Send, work: Callable[[Pipeline, Call], Awaitable[Reply | StreamReply]]
+) -> None:
+    """Run `work` and send its reply; a client that leaves before the answer's end cancels it (and the upstream
+    and guard calls, and the stream's reading and judging): a 499 is recorded when no answer had started."""
     try:
         call = await _call(request)
-        runtime = _runtime(request)
-        task = asyncio.ensure_future(work(runtime.pipeline, call))
-        watcher = asyncio.ensure_future(_until_disconnect(request))
-        stopped = False
-        try:
-            async with runtime.drain.bounded():  # at shutdown, the grace period bounds the wait
-                await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        except TimeoutError:
-            stopped = True
-        finally:
-            watcher.cancel()
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
-            if stopped:
-                return error_response(ServerShuttingDown(SHUTDOWN_MESSAGE))
-            return Response(status_code=499)
-        return reply_response(task.result(), runtime.drain)
     except ProxyError as error:
-        return error_response(error)
+        await send_reply(_error_reply(error), Drain(), send)
+        return
+    runtime = _runtime(request)
+    async with ClientWatch(request.receive, send) as watch:
+        try:
+            async with runtime.drain.bounded() as bound:  # at shutdown, the grace period bounds the wait
+                reply = await work(runtime.pipeline, call)
+        except TimeoutError:
+            if not bound.expired():
+                raise
+            reply = _error_reply(ServerShuttingDown(SHUTDOWN_MESSAGE))
+        except ProxyError as error:
+            reply = _error_reply(error)
+        await send_reply(reply, runtime.drain, watch.send)
+    if watch.left and not watch.started:
+        await send({"type": "http.response.start", "status": 499, "headers": [(b"content-length", b"0")]})
+        await send({"type": "http.response.body", "body": b""})
 
 
-async def chat_completions(request: Request) -> Response:
+class _Served:
+    """An ASGI endpoint that serves its requests with `work` (see _serve)."""
+
+    def __init__(self, work: Callable[[Pipeline, Call], Awaitable[Reply | StreamReply]]) -> None:
+        self.work = work
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await _serve(Request(scope, receive), send, self.work)
+
+
+# The screened operations' work, each served by a _Served endpoint (ROUTES)
+
+
+async def chat_completions(pipeline: Pipeline, call: Call) -> Reply | StreamReply:
     """POST /v1/chat/completions."""
-    return await _serve(request, lambda pipeline, call: pipeline.complete(call, CHAT))
+    return await pipeline.complete(call, CHAT)
 
 
-async def completions(request: Request) -> Response:
+async def completions(pipeline: Pipeline, call: Call) -> Reply | StreamReply:
     """POST /v1/completions."""
-    return await _serve(request, lambda pipeline, call: pipeline.complete(call, COMPLETIONS))
+    return await pipeline.complete(call, COMPLETIONS)
 
 
-async def responses(request: Request) -> Response:
+async def responses(pipeline: Pipeline, call: Call) -> Reply | StreamReply:
     """POST /v1/responses: the instructions and input messages, then the output, screened."""
-    return await _serve(request, lambda pipeline, call: pipeline.complete(call, RESPONSES))
+    return await pipeline.complete(call, RESPONSES)
 
 
-async def stored_response(request: Request) -> Response:
+async def stored_response(pipeline: Pipeline, call: Call) -> Reply | StreamReply:
     """GET /v1/responses/{id}, POST /v1/responses/{id}/cancel (which takes no body; none is sent): a stored
     response, its output screened again."""
-    return await _serve(request, lambda pipeline, call: pipeline.retrieve(call, RESPONSES))
+    return await pipeline.retrieve(call, RESPONSES)
 
 
-async def stored_chat_completions(request: Request) -> Response:
+async def stored_chat_completions(pipeline: Pipeline, call: Call) -> Reply | StreamReply:
     """GET /v1/chat/completions[/{id}], POST /v1/chat/completions/{id} (metadata update, which returns the
     completion): stored chat completions, their choices screened again."""
-    return await _serve(request, lambda pipeline, call: pipeline.retrieve(call, CHAT))
+    return await pipeline.retrieve(call, CHAT)
 
 
-async def litellm_guardrail(request: Request) -> Response:
+async def litellm_guardrail(pipeline: Pipeline, call: Call) -> Reply | StreamReply:
     """POST /beta/litellm_basic_guardrail_api: LiteLLM's Generic Guardrail API."""
-    return await _serve(request, lambda pipeline, call: pipeline.guardrail(call))
+    return await pipeline.guardrail(call)
 
 
 def _screened_spelling(method: str, path: str) -> bool:
@@ -252,7 +272,9 @@ def passes_through(method: str, path: str, policy: Policy) -> bool:
     return any(want == method and pattern_matches(pattern, path) for want, pattern in (*PASSTHROUGH, *extra))
 
 
-async def _forward(pipeline: Pipeline, call: Call) -> Reply | StreamReply:
+async def passthrough(pipeline: Pipeline, call: Call) -> Reply | StreamReply:
+    """Every other /v1/* route: forwarded unscreened when on the allow-list of routes that generate nothing,
+    else 404 (DESIGN §3)."""
     path = f"/v1/{call.path}"
     if not passes_through(call.method, path, call.policy):
         raise NotFound(
@@ -261,12 +283,6 @@ async def _forward(pipeline: Pipeline, call: Call) -> Reply | StreamReply:
             "moderations, deletions, and those the tenant's policy lists under `passthrough`)."
         )
     return await pipeline.forward(call)
-
-
-async def passthrough(request: Request) -> Response:
-    """Every other /v1/* route: forwarded unscreened when on the allow-list of routes that generate nothing,
-    else 404 (DESIGN §3)."""
-    return await _serve(request, _forward)
 
 
 async def healthz(request: Request) -> Response:
@@ -334,16 +350,16 @@ ROUTES = [
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
     Route("/metrics", metrics, methods=["GET"]),
-    Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-    Route("/v1/completions", completions, methods=["POST"]),
-    Route("/v1/responses", responses, methods=["POST"]),
+    Route("/v1/chat/completions", _Served(chat_completions), methods=["POST"]),
+    Route("/v1/completions", _Served(completions), methods=["POST"]),
+    Route("/v1/responses", _Served(responses), methods=["POST"]),
     # stored answers: a blocked answer is stored upstream as it was generated, and its id was returned; every
     # operation that returns one screens it
-    Route("/v1/responses/{response_id}", stored_response, methods=["GET"]),
-    Route("/v1/responses/{response_id}/cancel", stored_response, methods=["POST"]),
-    Route("/v1/chat/completions", stored_chat_completions, methods=["GET"]),
-    Route("/v1/chat/completions/{completion_id}", stored_chat_completions, methods=["GET", "POST"]),
-    Route(guardrail.PATH, litellm_guardrail, methods=["POST"]),
-    Route("/v1/{rest:path}", passthrough, methods=_METHODS),  # the allow-list decides
+    Route("/v1/responses/{response_id}", _Served(stored_response), methods=["GET"]),
+    Route("/v1/responses/{response_id}/cancel", _Served(stored_response), methods=["POST"]),
+    Route("/v1/chat/completions", _Served(stored_chat_completions), methods=["GET"]),
+    Route("/v1/chat/completions/{completion_id}", _Served(stored_chat_completions), methods=["GET", "POST"]),
+    Route(guardrail.PATH, _Served(litellm_guardrail), methods=["POST"]),
+    Route("/v1/{rest:path}", _Served(passthrough), methods=_METHODS),  # the allow-list decides
     Route("/{rest:path}", not_found, methods=_METHODS),
 ]
