@@ -37,14 +37,6 @@ class InvalidRequest(ProxyError):
     code = "invalid_request"
 
 
-class AmbiguousFraming(InvalidRequest):
-    """The request head frames its body two ways (Transfer-Encoding beside Content-Length): a front proxy may have
-    read another request there (smuggling). Refused, and the connection closed."""
-
-    def headers(self) -> dict[str, str]:
-        return {"connection": "close"}
-
-
 class PayloadTooLarge(ProxyError):
     """The body is larger than server.max_body_bytes."""
 
@@ -55,6 +47,14 @@ class PayloadTooLarge(ProxyError):
     def headers(self) -> dict[str, str]:
         # the proxy may have stopped reading the body before its end: the connection cannot be reused
         return {"connection": "close"}
+
+
+class HeadTooLarge(ProxyError):
+    """The request line and headers are larger than the server reads (the connection is closed)."""
+
+    status = 431
+    type = "invalid_request_error"
+    code = "request_header_fields_too_large"
 
 
 class ContentTooLong(ProxyError):

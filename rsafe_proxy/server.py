@@ -1,7 +1,7 @@
 """How the proxy is served: uvicorn configured from `server:` in proxy.yaml, with the limits uvicorn lacks.
 
 - a request-head timeout (uvicorn has none: a connection that sends nothing, or half a request line, would stay
-  open for good), added by `GuardedH11Protocol`;
+  open for good) and a cap on the head's size, added by `GuardedHttpToolsProtocol`;
 - a connection cap answered with an OpenAI-style 503 (uvicorn's `limit_concurrency` answers in plain text);
 - the open-file limit raised to its hard limit, and the cap kept below it, so that idle connections cannot use
   up the descriptors a legitimate request needs for its upstream and guard calls;
@@ -21,15 +21,15 @@ import resource
 import socket
 from typing import Any, ClassVar
 
-import h11
+import httptools
 import uvicorn
 from starlette.types import ASGIApp
 from uvicorn._types import ASGI3Application, ASGIReceiveCallable, ASGISendCallable, Scope
-from uvicorn.protocols.http.h11_impl import STATUS_PHRASES, H11Protocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from rsafe_proxy.config import Settings
 from rsafe_proxy.draining import Drain
-from rsafe_proxy.errors import AmbiguousFraming, InvalidRequest, ProxyError, RequestTimeout, ServerBusy
+from rsafe_proxy.errors import HeadTooLarge, InvalidRequest, ProxyError, RequestTimeout, ServerBusy
 from rsafe_proxy.middleware import send_error
 
 log = logging.getLogger("rsafe_proxy")
@@ -74,19 +74,33 @@ def connection_cap(settings: Settings, file_limit: int) -> int:
 def _raw_response(error: ProxyError) -> bytes:
     """`error` as a complete HTTP/1.1 response that closes the connection, for when no request was parsed."""
     body = json.dumps(error.body()).encode()
-    head = (
-        f"HTTP/1.1 {error.status} {STATUS_PHRASES[error.status].decode()}\r\n"
-        f"content-type: application/json\r\ncontent-length: {len(body)}\r\nconnection: close\r\n\r\n"
-    )
-    return head.encode() + body
+    head = f"content-type: application/json\r\ncontent-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    return STATUS_LINE[error.status] + head.encode() + body
 
 
-class GuardedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol with a request-head timeout, a connection cap answered in JSON, JSON for malformed
-    requests, and no keep-alive reprieve for a body nobody reads. Configured by subclassing (`protocol_class`)."""
+class _Refused(Exception):
+    """Raised in a parser callback to stop parsing; the protocol answers with its error and closes."""
+
+    def __init__(self, error: ProxyError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+class _PipelineFull(Exception):
+    """Raised in on_headers_complete to stop parsing ahead of the requests being answered."""
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol (llhttp, in C: about half h11's CPU per request, benchmarks/README.md) with
+    the limits it lacks: a request-head timeout, a cap on the head's size (llhttp has none: a header that never
+    ends would grow in memory), a connection cap answered in JSON, JSON for malformed requests, no keep-alive
+    reprieve for a body nobody reads, and no protocol switch (`Upgrade` is served as a plain request, then the
+    connection closes). Configured by subclassing (`protocol_class`)."""
 
     header_timeout_s: ClassVar[float] = 10.0
     max_connections: ClassVar[int] = 4096
+    max_head_bytes: ClassVar[int] = 64 * 1024
+    max_pipelined: ClassVar[int] = 16  # requests parsed ahead of the one being served
 
     def __init__(
         self,
@@ -100,17 +114,19 @@ class GuardedH11Protocol(H11Protocol):
         self._inner: ASGI3Application = self.app
         self.app = self._capped
         self._head_timer: asyncio.TimerHandle | None = None
+        self._in_head = False  # a request head has begun and is not complete
+        self._in_body = False  # a request body is being read
+        self._head_fed = 0  # bytes fed while the head was incomplete (pieces llhttp holds count too)
+        self._head_parsed = 0  # the head's request target and headers so far
+        self._begun = 0  # messages begun (a read that began one counts only its head's parsed bytes)
+        self._serving: Any = None  # the cycle whose app runs (self.cycle is the last one parsed)
+        self._held_back = False  # parsing stopped (pipeline full, or a refusal behind a response): close after
 
     async def _capped(self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
         state = self.server_state
         if len(state.connections) > self.max_connections or len(state.tasks) > self.max_connections:
             busy = ServerBusy("The proxy has too many open connections; retry shortly.")
             await send_error(send, busy)  # type: ignore[arg-type]  # uvicorn's send is ASGI's send, typed apart
-            return
-        names = {name for name, _ in scope["headers"]} if scope["type"] == "http" else set()
-        if b"transfer-encoding" in names and b"content-length" in names:  # h11 takes the chunks and goes on
-            smuggled = AmbiguousFraming("The request has both Transfer-Encoding and Content-Length; send one.")
-            await send_error(send, smuggled)  # type: ignore[arg-type]
             return
         await self._inner(scope, receive, send)
 
@@ -120,21 +136,117 @@ class GuardedH11Protocol(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
+        # uvicorn tells only self.cycle (the last request parsed) that the client left
+        for cycle in [self._serving, *(queued for queued, _ in self.pipeline)]:
+            if cycle is not None and not cycle.response_complete:
+                cycle.disconnected = True
+                cycle.message_event.set()
         super().connection_lost(exc)
+
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        self._serving = cycle
+        super()._start_asgi_task(cycle, app)
+
+    def _in_flight(self) -> bool:
+        return self._serving is not None and not self._serving.response_complete
 
     def data_received(self, data: bytes) -> None:
         # uvicorn cancels the keep-alive timer on every byte. Bytes of a body the app answered without reading
         # are discarded: they must not keep the connection open, so that timer is left running for them.
-        discarding = self.cycle is not None and self.cycle.response_complete and self.conn.their_state is h11.SEND_BODY
+        discarding = self.cycle is not None and self.cycle.response_complete and self._in_body
+        if self._held_back:
+            return
         if not discarding:
             self._unset_keepalive_if_required()
-        self.conn.receive_data(data)
-        self.handle_events()
+        begun = self._begun
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            pass  # the request was served as a plain one and closes its connection (on_headers_complete)
+        except httptools.HttpParserError as error:
+            if isinstance(error.__context__, _PipelineFull):
+                return
+            refused = error.__context__ if isinstance(error.__context__, _Refused) else None
+            self._refuse(refused.error if refused else InvalidRequest(f"The request is malformed: {error}."))
+            return
+        if self._in_head:
+            # a read that began this head also held what came before it: only its parsed part counts
+            self._head_fed += len(data) if self._begun == begun else self._head_parsed
+            if self._head_fed > self.max_head_bytes:
+                self._refuse(_head_too_large(self.max_head_bytes))
+                return
         self._watch_head()
+
+    def _refuse(self, error: ProxyError) -> None:
+        """Answer `error` (no request was handed to the app) and close the connection."""
+        self._cancel_head_timer()
+        if self._in_flight():  # an answer is being written: the refusal would land inside it
+            self._hold_back()
+            return
+        if not self.transport.is_closing():
+            self.transport.write(_raw_response(error))
+            self.transport.close()
+
+    def _hold_back(self) -> None:
+        """Read no more; the connection closes once the requests already parsed are answered."""
+        self._held_back = True
+        self.transport.pause_reading()
+        last = self.pipeline[0][0] if self.pipeline else self._serving
+        if last is not None:
+            last.keep_alive = False
+
+    # -- parser callbacks ----------------------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._begun += 1
+        super().on_message_begin()
+        self._in_head, self._head_fed, self._head_parsed = True, 0, 0
+
+    def on_url(self, url: bytes) -> None:
+        self._count(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count(len(name) + len(value) + 4)  # ": " and the line's end
+        super().on_header(name, value)
+
+    def _count(self, size: int) -> None:
+        self._head_parsed += size
+        if self._head_parsed > self.max_head_bytes:
+            raise _Refused(_head_too_large(self.max_head_bytes))
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        if not self.url.startswith(b"/") or b"#" in self.url:
+            # llhttp would hand on only the path of an absolute-form target (whose host a proxy in front may have
+            # routed by) and drop a fragment: the proxy serves paths as they are spelled, or not at all
+            raise _Refused(InvalidRequest("The request target must be a path, without a scheme, host or fragment."))
+        upgrade = self.parser.should_upgrade()
+        if upgrade and _declares_body(self.headers):
+            # llhttp takes what follows an Upgrade request's head for the new protocol, not for its body
+            raise _Refused(InvalidRequest("The proxy does not switch protocols: send the request without Upgrade."))
+        if self._in_flight() and len(self.pipeline) >= self.max_pipelined:
+            self._hold_back()
+            raise _PipelineFull()
+        self._in_body = True
+        self._unset_keepalive_if_required()  # the keep-alive timer left running for a discarded body
+        super().on_headers_complete()
+        if upgrade:  # served as a plain request; what follows on the connection would not be read as HTTP
+            self.cycle.keep_alive = False
+
+    def on_message_complete(self) -> None:
+        self._in_body = False
+        super().on_message_complete()
+
+    # -- the head timer ------------------------------------------------------------------------------------
+
+    def _waiting_for_head(self) -> bool:
+        """Whether the connection waits for a request head: none is being served, and no body is being read."""
+        return not self._in_body and (self.cycle is None or self.cycle.response_complete)
 
     def _watch_head(self) -> None:
         """Time the request head from its first byte (uvicorn times only the idle gap between requests)."""
-        if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+        if self.transport.is_closing() or not self._waiting_for_head():
             self._cancel_head_timer()  # the head is complete (or the connection is going)
         elif self._head_timer is None and self.timeout_keep_alive_task is None:
             self._arm_head_timer()
@@ -150,32 +262,31 @@ class GuardedH11Protocol(H11Protocol):
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
-        if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+        if self.transport.is_closing() or not self._waiting_for_head():
             return
-        if self.conn.trailing_data[0]:  # half a request: say why it is closed; a silent one is just closed
+        if self._in_head:  # half a request: say why it is closed; a silent one is just closed
             seconds = f"{self.header_timeout_s:g}"
             self.transport.write(_raw_response(RequestTimeout(f"The request head did not arrive within {seconds} s.")))
         self.transport.close()
 
-    def send_400_response(self, msg: str) -> None:
-        """A request h11 cannot parse, answered as an OpenAI-style error (uvicorn answers in plain text)."""
-        error = InvalidRequest(f"{msg} The request line or headers are malformed.")
-        body = json.dumps(error.body()).encode()
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"connection", b"close"),
-        ]
-        for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body)):
-            self.transport.write(self.conn.send(event) or b"")
-        self.transport.write(self.conn.send(h11.EndOfMessage()) or b"")
-        self.transport.close()
+
+def _head_too_large(limit: int) -> ProxyError:
+    return HeadTooLarge(f"The request line and headers are over {limit // 1024} KiB.")
 
 
-def protocol_class(header_timeout_s: float, max_connections: int) -> type[GuardedH11Protocol]:
-    """A GuardedH11Protocol with these limits (uvicorn builds one protocol object per connection, from a class)."""
+def _declares_body(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether a request head announces a body (a Transfer-Encoding, or a Content-Length other than 0)."""
+    for name, value in headers:
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() not in (b"0", b"")):
+            return True
+    return False
+
+
+def protocol_class(header_timeout_s: float, max_connections: int) -> type[GuardedHttpToolsProtocol]:
+    """A GuardedHttpToolsProtocol with these limits (uvicorn builds one protocol object per connection, from a
+    class)."""
     limits = {"header_timeout_s": header_timeout_s, "max_connections": max_connections}
-    return type("ConfiguredH11Protocol", (GuardedH11Protocol,), limits)
+    return type("ConfiguredHttpToolsProtocol", (GuardedHttpToolsProtocol,), limits)
 
 
 def _drain_of(app: Any) -> Drain | None:

@@ -153,6 +153,47 @@ def test_a_malformed_request_gets_a_json_400(proxy: Proxy) -> None:
     assert body["error"]["type"] == "invalid_request_error"
 
 
+def test_a_head_over_the_cap_gets_a_json_431_whole_or_trickled(proxy: Proxy) -> None:
+    # llhttp keeps a header it has not seen the end of in memory: a head that never ends must not grow for good
+    big = b"GET /healthz HTTP/1.1\r\nhost: proxy\r\nx-big: " + b"a" * 70_000 + b"\r\n\r\n"
+    with closing(_connect(proxy)) as sock:
+        sock.sendall(big)
+        raw, _ = _read_until_closed(sock, 5)
+    status, headers, body = _status_and_json(raw)
+    assert (status, headers["connection"]) == (431, "close")
+    assert body["error"]["code"] == "request_header_fields_too_large"
+    with closing(_connect(proxy)) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nhost: proxy\r\nx-endless: ")
+        raw = _trickle(sock, _forever(b"a" * 8192), gap_s=0.01, until_s=5)
+    assert raw.startswith(b"HTTP/1.1 431")
+
+
+def test_an_upgrade_request_is_served_as_a_plain_one_then_its_connection_closes(proxy: Proxy) -> None:
+    # an h2c upgrade (curl --http2, Java's HttpClient) is not taken up: the request is answered over HTTP/1.1
+    with closing(_connect(proxy)) as sock:
+        sock.sendall(
+            b"GET /healthz HTTP/1.1\r\nhost: proxy\r\nconnection: Upgrade, HTTP2-Settings\r\nupgrade: h2c\r\n"
+            b"http2-settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n"
+        )
+        raw, _ = _read_until_closed(sock, 5)
+    assert raw.startswith(b"HTTP/1.1 200")
+    assert b"connection: close" in raw.lower()
+
+
+def test_an_upgrade_request_with_a_body_is_refused_not_served_without_it(proxy: Proxy, guard: ScriptedGuard) -> None:
+    # llhttp takes the bytes after an Upgrade request's head for the new protocol: the body would be lost
+    body = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}'
+    with closing(_connect(proxy)) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: proxy\r\nconnection: upgrade\r\nupgrade: h2c\r\n"
+            b"content-type: application/json\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
+        raw, _ = _read_until_closed(sock, 5)
+    status, _, answer = _status_and_json(raw)
+    assert status == 400 and "Upgrade" in answer["error"]["message"]
+    assert guard.calls == []
+
+
 @pytest.mark.parametrize(
     "head",
     [

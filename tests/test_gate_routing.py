@@ -129,7 +129,7 @@ SPELLINGS: list[tuple[str, str | bytes, str]] = [
     ("POST", "/../v1/chat/completions", REFUSED),  # above the root
     ("POST", "/v1/../../v1/chat/completions", REFUSED),
     ("POST", "*", REFUSED),
-    # absolute-form: h11 leaves it whole in the path (refused); httptools would pass only its path (screened)
+    # absolute-form: llhttp would hand on only its path; a front proxy may have routed by its host
     ("POST", "http://example.com/v1/chat/completions", REFUSED),
     ("POST", "/V1/Chat/Completions", NOT_FOUND),  # upstreams are case-sensitive: not a route, and not forwarded
     ("POST", "/v1/Chat/Completions", NOT_FOUND),
