@@ -6,7 +6,7 @@ import asyncio
 import json
 import logging
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -27,6 +27,12 @@ async def send_error(send: Send, error: ProxyError) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+async def send_client_gone(send: Send) -> None:
+    """Record 499 for a client that left before its answer began (nothing reaches the wire: it is gone)."""
+    await send({"type": "http.response.start", "status": 499, "headers": [(b"content-length", b"0")]})
+    await send({"type": "http.response.body", "body": b""})
+
+
 INTERNAL_MESSAGE = "The proxy failed to handle this request; the fault is in its log."
 
 
@@ -42,7 +48,8 @@ class ErrorBoundary:
     """Whatever escapes the app is answered as an OpenAI-style JSON error, never uvicorn's plain-text 500.
 
     A ProxyError keeps its status and code; anything else is a 500 `internal_error` whose body names nothing of
-    the cause (the trace goes to the log). Once a response has started, its status is sent and cannot change:
+    the cause (the trace goes to the log). A client that left while its body was read is recorded as 499, with
+    no trace: it is not a fault. Once a response has started, its status is sent and cannot change:
     the error is re-raised and the server closes the connection."""
 
     def __init__(self, app: ASGIApp) -> None:
@@ -61,6 +68,9 @@ class ErrorBoundary:
 
         try:
             await self.app(scope, receive, watched)
+        except ClientDisconnect:  # Starlette's, for a client gone while its body was read: no fault of ours
+            if not started:
+                await send_client_gone(send)
         except Exception as error:
             if started:
                 raise

@@ -20,6 +20,7 @@ from rsafe_proxy.console.keys import ConsoleKeys
 from rsafe_proxy.departure import ClientWatch
 from rsafe_proxy.draining import SHUTDOWN_MESSAGE, Drain, until_drained
 from rsafe_proxy.errors import InvalidRequest, NotFound, ProxyError, ServerShuttingDown, Unauthorized
+from rsafe_proxy.middleware import send_client_gone
 from rsafe_proxy.paths import pattern_matches
 from rsafe_proxy.pipeline import Pipeline
 from rsafe_proxy.policy.schema import Policy
@@ -204,8 +205,7 @@ async def _serve(
             reply = _error_reply(error)
         await send_reply(reply, runtime.drain, watch.send)
     if watch.left and not watch.started:
-        await send({"type": "http.response.start", "status": 499, "headers": [(b"content-length", b"0")]})
-        await send({"type": "http.response.body", "body": b""})
+        await send_client_gone(send)
 
 
 class _Served:

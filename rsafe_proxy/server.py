@@ -120,6 +120,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_parsed = 0  # the head's request target and headers so far
         self._begun = 0  # messages begun (a read that began one counts only its head's parsed bytes)
         self._serving: Any = None  # the cycle whose app runs (self.cycle is the last one parsed)
+        self._broken: tuple[Any, ProxyError] | None = None  # a served request whose body cannot be parsed
         self._held_back = False  # parsing stopped (pipeline full, or a refusal behind a response): close after
 
     async def _capped(self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
@@ -128,7 +129,16 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             busy = ServerBusy("The proxy has too many open connections; retry shortly.")
             await send_error(send, busy)  # type: ignore[arg-type]  # uvicorn's send is ASGI's send, typed apart
             return
-        await self._inner(scope, receive, send)
+        cycle = self._serving  # this request's: a cycle's task starts only once the one before it has answered
+
+        async def checked() -> Any:
+            """The body's next part, or its refusal if what follows could not be parsed (see _refuse)."""
+            message = await receive()
+            if self._broken is not None and self._broken[0] is cycle:
+                raise self._broken[1]
+            return message
+
+        await self._inner(scope, checked, send)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -178,8 +188,16 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._watch_head()
 
     def _refuse(self, error: ProxyError) -> None:
-        """Answer `error` (no request was handed to the app) and close the connection."""
+        """Answer `error` and close the connection: through the app when the request being served cannot be
+        parsed in its body (its app waits for the body: `receive` raises the error, and the app answers it),
+        directly when no request was handed to the app."""
         self._cancel_head_timer()
+        serving = self._serving
+        if self._in_body and self.cycle is serving and self._in_flight() and not serving.response_started:
+            self._broken = (serving, error)
+            self._hold_back()
+            serving.message_event.set()
+            return
         if self._in_flight():  # an answer is being written: the refusal would land inside it
             self._hold_back()
             return

@@ -6,10 +6,13 @@ written, and timers and caps count per request, not per read. Raw sockets agains
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import threading
 import time
 from contextlib import closing
+
+import pytest
 
 from tests.conftest import MakeProxy
 from tests.fake_upstream import FakeUpstream
@@ -133,3 +136,56 @@ def test_pipelined_requests_with_bodies_are_not_taken_for_an_oversized_head(prox
         raw = _until_closed(sock, 3)
     assert raw.startswith(b"HTTP/1.1 200")
     assert b"431" not in raw.split(b"\r\n", 1)[0]
+
+
+_CHUNKED_CHAT_HEAD = (
+    b"POST /v1/chat/completions HTTP/1.1\r\nhost: p\r\ncontent-type: application/json\r\n"
+    b"transfer-encoding: chunked\r\n\r\n"
+)
+
+
+def _malformed_answer(raw: bytes) -> dict[str, object]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), raw[:80]
+    error: dict[str, object] = json.loads(body)["error"]
+    return error
+
+
+def test_a_malformed_chunk_in_the_heads_read_is_answered_at_once(proxy: Proxy, upstream: FakeUpstream) -> None:
+    # the head starts the request's app; the broken chunk size follows in the same read. Before, the refusal was
+    # held back for an answer that had not started, and the client got a 408 when the body timeout ran out
+    with closing(_connect(proxy)) as sock:
+        sock.sendall(_CHUNKED_CHAT_HEAD + b'5\r\n{"mod\r\nZZZZ\r\n\r\n')
+        raw = _until_closed(sock, 8)  # the body timeout is 15 s
+    assert "malformed" in str(_malformed_answer(raw)["message"]), raw
+    assert upstream.requests == []
+    with proxy.http() as http:  # the app answered it: it is recorded as what the client got
+        assert 'route="/v1/chat/completions",status="400"' in http.get("/metrics").text
+
+
+def test_a_malformed_chunk_sent_while_the_body_is_awaited_is_answered_at_once(
+    proxy: Proxy, upstream: FakeUpstream
+) -> None:
+    with closing(_connect(proxy)) as sock:
+        sock.sendall(_CHUNKED_CHAT_HEAD + b'5\r\n{"mod\r\n')
+        time.sleep(0.5)  # the app now waits in receive() for the rest of the body
+        sock.sendall(b"ZZZZ\r\n\r\n")
+        raw = _until_closed(sock, 8)
+    assert "malformed" in str(_malformed_answer(raw)["message"]), raw
+    assert upstream.requests == []
+
+
+def test_a_client_that_leaves_mid_body_is_recorded_as_gone_not_as_a_fault(
+    proxy: Proxy, upstream: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.ERROR, logger="rsafe_proxy"), closing(_connect(proxy)) as sock:
+        sock.sendall(_CHUNKED_CHAT_HEAD + b'5\r\n{"mod\r\n')
+        time.sleep(0.5)  # the app now waits in receive() for the rest of the body
+    with proxy.http() as http:
+        deadline = time.monotonic() + 5
+        while 'status="499"' not in (metrics := http.get("/metrics").text) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert 'route="/v1/chat/completions",status="499"' in metrics
+    assert 'status="500"' not in metrics
+    assert "unexpected error" not in caplog.text
+    assert upstream.requests == []
