@@ -154,12 +154,11 @@ class Pipeline:
         return raw, value
 
     def _end(self, state: Screening) -> None:
-        """End the request's span, and the spans of upstream calls it discarded unread."""
+        """End the spans of the upstream calls the request discarded unread."""
         for upstream_call in state.opened.values():
             upstream_call.span.set_attribute("rsafe.upstream.discarded", True)
             upstream_call.done()
         state.opened.clear()
-        state.span.end()
 
     async def forward(self, call: Call) -> StreamReply:
         """Any other /v1 route: passed through unscreened, streamed back as it comes."""
@@ -180,16 +179,20 @@ class Pipeline:
     # -- screened routes ------------------------------------------------------------------------------------
 
     def _request_span(self, call: Call, attributes: Mapping[str, str] | None = None) -> Span:
-        """The span of one screened request (a child of the HTTP server span): tenant, policy and route, and
-        `attributes`."""
+        """The span of one screened request: the HTTP server span it is served under (telemetry.http, which ends
+        it with the response's last byte), given its tenant, policy and `attributes`. One span per request: its
+        screens and upstream calls are its children."""
+        span = trace.get_current_span()
         policy = call.policy
-        common = {
-            "rsafe.tenant": call.tenant.id,
-            "rsafe.policy.id": policy.id,
-            "rsafe.policy.version": policy.version,
-            "http.route": call.path,
-        }
-        return self.recorder.tracer.start_span("rsafe.request", attributes={**common, **(attributes or {})})
+        span.set_attributes(
+            {
+                "rsafe.tenant": call.tenant.id,
+                "rsafe.policy.id": policy.id,
+                "rsafe.policy.version": policy.version,
+                **(attributes or {}),
+            }
+        )
+        return span
 
     async def complete(self, call: Call, dialect: Dialect[Any]) -> Reply | StreamReply:
         """POST /v1/chat/completions, /v1/completions or /v1/responses (as `dialect` reads them), screened on
@@ -353,8 +356,9 @@ class Pipeline:
                 _, decision = await self.screens.screen(state, Side.OUTPUT, "", text)
             answer = guardrail.answer(decision, request, guardrail.judged_texts(request, judged))
             return Reply(200, json.dumps(answer).encode(), {"content-type": "application/json"})
-        finally:
-            span.end()
+        except Exception as error:
+            self.recorder.failed(span, error)
+            raise
 
     async def _screen_answer(self, state: Screening, raw: bytes, value: Any) -> bytes:
         """Screen a non-streamed answer (`raw`, read as `value`); what the policy stops is replaced (the bytes are

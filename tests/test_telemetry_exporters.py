@@ -128,7 +128,7 @@ def test_spans_go_over_otlp_grpc_with_the_standard_resource(
     serve_one_request(upstream, guard, tmp_path)
     assert received.services() == {"gateway-eu"}  # not telemetry.service_name
     assert received.resource_attribute("deployment.environment.name") == {"prod"}
-    assert {"POST /v1/chat/completions", "rsafe.request", "rsafe.screen", "chat fake-model"} <= received.span_names()
+    assert {"POST /v1/chat/completions", "rsafe.screen", "chat fake-model"} <= received.span_names()
 
 
 def test_spans_go_over_otlp_http_protobuf(

@@ -1,7 +1,7 @@
-"""The HTTP server span of every request (pure ASGI middleware, outermost): it continues the caller's W3C trace,
-returns the trace id as `x-rsafe-decision-id`, the proxy's own time as `x-rsafe-overhead-ms` and the client's
-`x-request-id` (unless the upstream named its own) on every response, and counts requests, errors, overhead and
-what is in flight."""
+"""The HTTP server span of every request (pure ASGI middleware, outermost), the one span of a screened request
+too (the pipeline adds its tenant, policy and outcome): it continues the caller's W3C trace, returns the trace id
+as `x-rsafe-decision-id`, the proxy's own time as `x-rsafe-overhead-ms` and the client's `x-request-id` (unless
+the upstream named its own) on every response, and counts requests, errors, overhead and what is in flight."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.trace import SpanKind, format_trace_id
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode, format_trace_id
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rsafe_proxy.telemetry import Recorder
@@ -36,6 +36,13 @@ def _route(scope: Scope) -> str | None:
     route = scope.get("route")
     path = getattr(route, "path", None)
     return path if isinstance(path, str) else None
+
+
+def _failed(span: Span) -> bool:
+    """Whether the request's work already marked its span failed (an SDK span has a status; a span of no trace,
+    none)."""
+    status = getattr(span, "status", None)
+    return isinstance(status, Status) and status.status_code is StatusCode.ERROR
 
 
 class TraceRequests:
@@ -122,7 +129,7 @@ class TraceRequests:
                 span.set_attribute("rsafe.tenant", record.tenant)
             if status is not None:
                 span.set_attribute("http.response.status_code", status)
-                if status >= 500:
+                if status >= 500 and not _failed(span):  # the pipeline's error code, where it set one, stays
                     fail(span, str(status))
             if record.error:
                 metrics.errors.labels(record.error).inc()
