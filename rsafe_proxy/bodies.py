@@ -5,9 +5,16 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
+import orjson
+
 from rsafe_proxy.errors import InvalidRequest
+
+# A \u escape of a surrogate (paired or not: the decoded text says which)
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_LONE_SURROGATE = "The request body holds an unpaired surrogate escape (\\ud800-\\udfff)."
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -54,9 +61,23 @@ def parse_json(raw: bytes) -> dict[str, Any]:
         raise InvalidRequest("The request body is nested too deeply to be read.") from None
     except ValueError as error:  # e.g. an integer past Python's digit limit
         raise InvalidRequest(f"The request body cannot be read: {error}.") from None
+    if _SURROGATE_ESCAPE.search(text) is not None and _has_lone_surrogate(data):
+        # parsers disagree on one: kept (Python, JavaScript), replaced by U+FFFD (Go), refused (Rust)
+        raise InvalidRequest(_LONE_SURROGATE)
     if not isinstance(data, dict):
         raise InvalidRequest("The request body must be a JSON object.")
     return data
+
+
+def _has_lone_surrogate(data: Any) -> bool:
+    """Whether a string in `data` holds half a surrogate pair (a pair escaped as two \\u escapes is decoded)."""
+    try:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    except RecursionError:
+        return False  # encode_json refuses it for its depth
+    return False
 
 
 def read_json(raw: bytes) -> dict[str, Any] | None:
@@ -68,11 +89,21 @@ def read_json(raw: bytes) -> dict[str, Any] | None:
         return None
 
 
+def compact_json(value: Any) -> bytes:
+    """`value` as compact UTF-8 JSON: by orjson (about a tenth of json's CPU), or by json where orjson refuses
+    (an integer past 64 bits, nesting past 254 levels; a lone surrogate: json's UnicodeEncodeError then says
+    so)."""
+    try:
+        return orjson.dumps(value)
+    except TypeError:  # orjson.JSONEncodeError is a TypeError
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
 def encode_json(body: dict[str, Any]) -> bytes:
     """The JSON bytes of a judged body, as forwarded upstream; a lone surrogate is refused (it has no UTF-8)."""
     try:
-        return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        return compact_json(body)
     except UnicodeEncodeError:
-        raise InvalidRequest("The request body holds an unpaired surrogate escape (\\ud800-\\udfff).") from None
+        raise InvalidRequest(_LONE_SURROGATE) from None
     except RecursionError:
         raise InvalidRequest("The request body is nested too deeply to be read.") from None

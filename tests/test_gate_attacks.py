@@ -220,6 +220,31 @@ def test_a_stream_chunk_with_a_repeated_key_is_not_passed_on(proxy: Proxy, upstr
     assert UNSAFE not in stream_raw(proxy)
 
 
+# Half a surrogate pair: kept by Python and JavaScript, replaced by U+FFFD in Go, refused by Rust's serde.
+LONE_SURROGATE = f'{{"role": "assistant", "content": "\\ud800 {UNSAFE_ANSWER}"}}'
+
+
+def test_an_answer_with_a_lone_surrogate_is_not_passed_on(
+    servers: Servers, guard: ScriptedGuard, tmp_path: Path
+) -> None:
+    raw = '{"id": "c", "object": "chat.completion", "created": 1, "model": "m", "choices": [{"index": 0, '
+    raw += f'"message": {LONE_SURROGATE}, "finish_reason": "stop"}}]}}'
+    proxy = before(servers, guard, tmp_path, raw.encode(), {})
+    with proxy.http() as http:
+        reply = http.post(CHAT, json=CHAT_BODY)
+    assert reply.status_code == 502 and UNSAFE not in reply.text
+    assert reply.json()["error"]["message"] == "The upstream model sent an answer the proxy cannot read."
+
+
+def test_a_stream_chunk_with_a_lone_surrogate_is_not_passed_on(proxy: Proxy, upstream: FakeUpstream) -> None:
+    raw = '{"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m", "choices": [{"index": 0, '
+    raw += f'"delta": {LONE_SURROGATE}, "finish_reason": null}}]}}'
+    upstream.script = [f"data: {raw}\n\n".encode(), chunk("", 0, "stop"), b"data: [DONE]\n\n"]
+    text = stream_raw(proxy)
+    assert UNSAFE not in text and "\\ud800" not in text
+    assert text.rstrip().endswith("[DONE]")  # the stream ends as streams end, not cut by a failure
+
+
 def test_an_answer_with_more_choices_than_asked_is_refused(
     proxy: Proxy, upstream: FakeUpstream, guard: ScriptedGuard
 ) -> None:

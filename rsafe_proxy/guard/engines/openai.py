@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any, Self
 
 from rsafe_proxy import http_client
+from rsafe_proxy.bodies import compact_json
 from rsafe_proxy.guard.engine import (
     EngineInfo,
     EngineSettings,
@@ -36,10 +37,6 @@ def message_text(message: Mapping[str, Any]) -> str:
         if isinstance(reasoning, str) and reasoning:
             return f"<think>\n{reasoning}\n</think>\n{content}"
     return content
-
-
-def _encoded(payload: Mapping[str, Any]) -> bytes:
-    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 class OpenAIEngine:
@@ -99,7 +96,7 @@ class OpenAIEngine:
         headers = {"content-type": "application/json"}
         inject(headers)  # the guard server's spans join the proxy's guard call span
         try:
-            status, raw = await self._post("/chat/completions", _encoded(payload), headers)
+            status, raw = await self._post("/chat/completions", compact_json(payload), headers)
         except http_client.RequestTimedOut as error:
             raise GuardEngineError(f"guard server timed out: {error.cause}") from error
         except http_client.RequestFailed as error:
