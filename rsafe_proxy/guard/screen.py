@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import itertools
 import secrets
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
@@ -162,6 +162,7 @@ class Screener:
         self.settings = settings
         self.cache = cache
         self._secret = secrets.token_bytes(32) if secret is None else secret
+        self._screens = itertools.count()  # names each screen's requester (with id(self): another screener's differ)
 
     def uncached(self) -> Screener:
         """This screener (its engine, settings and secret) with no verdict cache: what it judges is neither read
@@ -306,7 +307,7 @@ class Screener:
             side,
             tenant,
             self.cache_salt(tenant),
-            uuid.uuid4().hex,  # this screen's calls are one requester in the engine's fair queue
+            f"{id(self):x}-{next(self._screens)}",  # this screen's calls: one requester in the engine's fair queue
             asyncio.Semaphore(self.settings.segments_in_flight),
             _Allowance(self.settings.max_segments - len(pieces)),
         )
