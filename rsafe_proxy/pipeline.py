@@ -78,6 +78,10 @@ async def _abandon(early: tuple[StreamReply, Discard] | None, upstream: asyncio.
     await _discard(upstream)
 
 
+# A passed-through answer no longer than this (by its Content-Length) is read whole (Pipeline.forward).
+_WHOLE_ANSWER_BYTES = 64 * 1024
+
+
 class Pipeline:
     """The screening pipeline for one app: screener, upstream and recorder are injected."""
 
@@ -160,9 +164,16 @@ class Pipeline:
             upstream_call.done()
         state.opened.clear()
 
-    async def forward(self, call: Call) -> StreamReply:
-        """Any other /v1 route: passed through unscreened, streamed back as it comes."""
+    async def forward(self, call: Call) -> Reply | StreamReply:
+        """Any other /v1 route: passed through unscreened, streamed back as it comes; an answer that says it is
+        small (Content-Length up to 64 KiB: an embedding, a model list) is read whole and sent in one piece,
+        which costs the proxy less than relaying it chunk by chunk (and a break in it is a 502, not a cut)."""
         response = await self._open(None, call, call.body or None)
+        length = response.headers.get("content-length", "")
+        if call.method != "HEAD" and length.isdigit() and int(length) <= _WHOLE_ANSWER_BYTES:
+            with waiting():
+                raw = await Upstream.read(response)
+            return Reply(response.status_code, raw, returned_headers(response.headers))
 
         async def body() -> AsyncIterator[bytes]:
             try:

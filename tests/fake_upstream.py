@@ -319,10 +319,12 @@ class FakeUpstream:
 
     async def _embeddings(self, request: Request) -> Response:
         await self._record(request)
+        given = (await request.json()).get("input")
+        inputs = given if isinstance(given, list) else [given]  # one embedding per input, as OpenAI's API
         return JSONResponse(
             {
                 "object": "list",
-                "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2]}],
+                "data": [{"object": "embedding", "index": n, "embedding": [0.1, 0.2]} for n in range(len(inputs))],
                 "model": "fake-embed",
                 "usage": {"prompt_tokens": 1, "total_tokens": 1},
             }

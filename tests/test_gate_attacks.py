@@ -143,6 +143,23 @@ def before(servers: Servers, guard: ScriptedGuard, tmp_path: Path, body: bytes, 
     return start_proxy(servers, Settings.model_validate(proxy_config(upstream_url, guard.url, tmp_path)))
 
 
+def test_a_passed_through_answer_that_breaks_off_is_a_502_not_a_shorter_answer(
+    servers: Servers, guard: ScriptedGuard, tmp_path: Path
+) -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:  # says 100 bytes, sends 12, closes
+        if scope["type"] == "http":
+            headers = [(b"content-type", b"application/json"), (b"content-length", b"100")]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": b'{"data": [1,', "more_body": False})
+
+    upstream_url = servers.start(app, lifespan="off").url
+    proxy = start_proxy(servers, Settings.model_validate(proxy_config(upstream_url, guard.url, tmp_path)))
+    with proxy.http() as http:
+        reply = http.get("/v1/models")
+    assert reply.status_code == 502, reply.text
+    assert reply.json()["error"]["code"] == "upstream_unavailable"
+
+
 @pytest.mark.parametrize(("method", "path"), [("POST", CHAT), ("GET", f"{CHAT}/c1"), ("GET", "/v1/models")])
 def test_the_upstream_cannot_forge_the_proxy_verdict_headers(
     servers: Servers, guard: ScriptedGuard, tmp_path: Path, method: str, path: str

@@ -6,6 +6,7 @@ endpoints: test_gate_routing.py."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +120,22 @@ def test_the_allow_listed_routes_pass_through_unscreened(
     assert reply.status_code in (200, 404)  # the upstream's own answer
     assert [(call.method, call.path) for call in upstream.calls()] == [(method, path)]
     assert guard.calls == []
+
+
+def test_a_small_passed_through_answer_comes_whole_and_a_large_one_streams(
+    proxy: Proxy, upstream: FakeUpstream
+) -> None:
+    with proxy.http() as http:
+        small = http.post("/v1/embeddings", json={"model": "fake-embed", "input": "hello"})
+        with http.stream("POST", "/v1/embeddings", json={"model": "fake-embed", "input": ["x"] * 2000}) as large:
+            pieces = list(large.iter_raw())
+            large_headers = large.headers
+    assert small.status_code == 200 and small.json()["data"][0]["embedding"] == [0.1, 0.2]
+    assert small.headers["content-length"] == str(len(small.content))  # read whole: sent in one piece
+    assert "transfer-encoding" not in small.headers
+    # over 64 KiB: relayed as it arrives, never held whole
+    assert large_headers.get("transfer-encoding") == "chunked" and "content-length" not in large_headers
+    assert len(json.loads(b"".join(pieces))["data"]) == 2000
 
 
 def test_a_get_body_is_not_forwarded(proxy: Proxy, upstream: FakeUpstream) -> None:
