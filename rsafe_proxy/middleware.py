@@ -11,7 +11,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rsafe_proxy.errors import InternalError, PayloadTooLarge, ProxyError, RequestTimeout
-from rsafe_proxy.telemetry.context import traced_body
+from rsafe_proxy.telemetry.context import note_error, traced_body
 
 log = logging.getLogger("rsafe_proxy")
 
@@ -49,8 +49,10 @@ class ErrorBoundary:
 
     A ProxyError keeps its status and code; anything else is a 500 `internal_error` whose body names nothing of
     the cause (the trace goes to the log). A client that left while its body was read is recorded as 499, with
-    no trace: it is not a fault. Once a response has started, its status is sent and cannot change:
-    the error is re-raised and the server closes the connection."""
+    no trace: it is not a fault. Once a response has started, its status is sent and cannot change: the
+    response is left incomplete, so the server closes the connection and the client sees a cut transfer, never
+    a shorter answer ended as if whole. A ProxyError then (an upstream answer that broke off while passed
+    through) is logged in a line; anything else is re-raised, its trace logged."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -72,6 +74,10 @@ class ErrorBoundary:
             if not started:
                 await send_client_gone(send)
         except Exception as error:
+            if started and isinstance(error, ProxyError):
+                note_error(error.code or type(error).__name__)
+                log.warning("%s %s cut after its answer began: %s", scope.get("method"), scope.get("path"), error)
+                return
             if started:
                 raise
             if not isinstance(error, ProxyError):

@@ -20,7 +20,7 @@ from rsafe_proxy.errors import ContentBlocked, ContentTooLong, GuardUnavailable,
 from rsafe_proxy.guard.conversation import Turn
 from rsafe_proxy.guard.protocol import Side
 from rsafe_proxy.guard.screen import Screener
-from rsafe_proxy.http_client import Answer, RequestFailed
+from rsafe_proxy.http_client import Answer
 from rsafe_proxy.policy.decide import Decision, Outcome
 from rsafe_proxy.screens import Screening, Screens
 from rsafe_proxy.streaming import Event, WindowedScreen, sse_events
@@ -176,11 +176,11 @@ class Pipeline:
             return Reply(response.status_code, raw, returned_headers(response.headers))
 
         async def body() -> AsyncIterator[bytes]:
+            # a break raises (UpstreamUnavailable, UpstreamTimeout): the client's transfer is then cut, never
+            # ended as if the answer were whole (middleware.ErrorBoundary)
             try:
-                async for chunk in waited(response.chunks()):
+                async for chunk in waited(Upstream.chunks(response)):
                     yield chunk
-            except RequestFailed:
-                return
             finally:
                 await response.aclose()
 

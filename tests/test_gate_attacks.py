@@ -160,6 +160,28 @@ def test_a_passed_through_answer_that_breaks_off_is_a_502_not_a_shorter_answer(
     assert reply.json()["error"]["code"] == "upstream_unavailable"
 
 
+def test_a_passed_through_stream_that_breaks_off_is_cut_for_the_client_too(
+    servers: Servers, guard: ScriptedGuard, tmp_path: Path
+) -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:  # a chunked answer, then the connection drops
+        if scope["type"] == "http":
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+            await send({"type": "http.response.body", "body": b"x" * 1000, "more_body": True})
+            raise ConnectionResetError("the upstream went away")
+
+    upstream_url = servers.start(app, lifespan="off").url
+    proxy = start_proxy(servers, Settings.model_validate(proxy_config(upstream_url, guard.url, tmp_path)))
+    received = b""
+    with proxy.http() as http, http.stream("GET", "/v1/models") as reply:
+        assert reply.status_code == 200
+        with pytest.raises(httpx.RemoteProtocolError):  # before, the relay ended the body as if it were whole
+            for piece in reply.iter_raw():
+                received += piece
+    assert received == b"x" * 1000
+    with proxy.http() as http:  # the proxy carries on
+        assert http.get("/healthz").status_code == 200
+
+
 @pytest.mark.parametrize(("method", "path"), [("POST", CHAT), ("GET", f"{CHAT}/c1"), ("GET", "/v1/models")])
 def test_the_upstream_cannot_forge_the_proxy_verdict_headers(
     servers: Servers, guard: ScriptedGuard, tmp_path: Path, method: str, path: str
