@@ -235,9 +235,11 @@ class Pipeline:
         call = state.call
         upstream: asyncio.Task[Answer] | None = None
         early: tuple[StreamReply, Discard] | None = None
-        screening = asyncio.create_task(self.screens.screen_input(state))
         if self.parallel and not state.dialect.acts_upstream(state.body):
+            # started first (tasks run in the order made): the answer's first tokens, which a stream's first
+            # window waits for, then start a little sooner; the input's verdict does not wait on them
             upstream = asyncio.create_task(self._open(state, call, call.body))
+        screening = asyncio.create_task(self.screens.screen_input(state))
         try:
             if stream and upstream is not None:
                 early = await self._early_stream(state, screening, upstream)
