@@ -341,6 +341,7 @@ class Policy(_Frozen):
         copy = super().model_copy(update=update, deep=deep)
         copy.__dict__.pop("version", None)
         copy.__dict__.pop("lines_by_side", None)
+        copy.__dict__.pop("categories_by_side", None)
         return copy
 
     def judges_role(self, role: str) -> bool:
@@ -349,7 +350,12 @@ class Policy(_Frozen):
 
     def categories_for(self, side: Side) -> tuple[Category, ...]:
         """The categories screened on `side`."""
-        return tuple(category for category in self.categories if category.side.covers(side))
+        return self.categories_by_side[side]
+
+    @functools.cached_property
+    def categories_by_side(self) -> dict[Side, tuple[Category, ...]]:
+        """The categories of each side, sorted out once (every screen reads them; the policy is frozen)."""
+        return {side: tuple(c for c in self.categories if c.side.covers(side)) for side in Side}
 
     def guard_category_ids(self, side: Side, names: tuple[str, ...]) -> tuple[str, ...]:
         """The ids of `side`'s categories whose `guard_categories` list any of `names` (the categories a guard
