@@ -75,8 +75,8 @@ def _has_lone_surrogate(data: Any) -> bool:
         json.dumps(data, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
         return True
-    except RecursionError:
-        return False  # encode_json refuses it for its depth
+    except RecursionError:  # as deep as json.loads reaches, but not a frame more: not checked, so refused
+        return True
     return False
 
 

@@ -52,7 +52,8 @@ class ErrorBoundary:
     no trace: it is not a fault. Once a response has started, its status is sent and cannot change: the
     response is left incomplete, so the server closes the connection and the client sees a cut transfer, never
     a shorter answer ended as if whole. A ProxyError then (an upstream answer that broke off while passed
-    through) is logged in a line; anything else is re-raised, its trace logged."""
+    through) is logged in a warning (uvicorn adds its own "returned without completing response" line); anything
+    else is re-raised, its trace logged."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app

@@ -166,11 +166,13 @@ class Pipeline:
 
     async def forward(self, call: Call) -> Reply | StreamReply:
         """Any other /v1 route: passed through unscreened, streamed back as it comes; an answer that says it is
-        small (Content-Length up to 64 KiB: an embedding, a model list) is read whole and sent in one piece,
-        which costs the proxy less than relaying it chunk by chunk (and a break in it is a 502, not a cut)."""
+        small (Content-Length up to 64 KiB, not compressed: an embedding, a model list) is read whole and sent in
+        one piece, which costs the proxy less than relaying it chunk by chunk (and a break in it is a 502)."""
         response = await self._open(None, call, call.body or None)
-        length = response.headers.get("content-length", "")
-        if call.method != "HEAD" and length.isdigit() and int(length) <= _WHOLE_ANSWER_BYTES:
+        length, coding = response.headers.get("content-length", ""), response.headers.get("content-encoding", "")
+        # (a compressed one is relayed: 64 KiB of gzip can decode to far more than is worth holding whole)
+        small = length.isdigit() and int(length) <= _WHOLE_ANSWER_BYTES and coding.lower() in ("", "identity")
+        if call.method != "HEAD" and small:
             with waiting():
                 raw = await Upstream.read(response)
             return Reply(response.status_code, raw, returned_headers(response.headers))

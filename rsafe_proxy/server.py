@@ -188,15 +188,18 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._watch_head()
 
     def _refuse(self, error: ProxyError) -> None:
-        """Answer `error` and close the connection: through the app when the request being served cannot be
-        parsed in its body (its app waits for the body: `receive` raises the error, and the app answers it),
-        directly when no request was handed to the app."""
+        """Answer `error` and close the connection: through the app when a request handed to it (the one being
+        served, or one queued behind it) cannot be parsed in its body (its `receive` raises the error, and the app
+        answers it), directly when no request was handed to the app."""
         self._cancel_head_timer()
-        serving = self._serving
-        if self._in_body and self.cycle is serving and self._in_flight() and not serving.response_started:
-            self._broken = (serving, error)
+        serving, broken = self._serving, self.cycle
+        queued = any(cycle is broken for cycle, _ in self.pipeline)
+        if self._in_body and (broken is serving or queued) and not broken.response_started:
+            # the request whose body broke is the one being served, or one queued behind it: its app answers
+            # the error at its first receive(), once its turn comes; nothing after it is read
+            self._broken = (broken, error)
             self._hold_back()
-            serving.message_event.set()
+            broken.message_event.set()
             return
         if self._in_flight():  # an answer is being written: the refusal would land inside it
             self._hold_back()

@@ -1,4 +1,4 @@
-"""What the guard sees of answers: every text field a client would show, streamed or not."""
+"""What the guard sees of answers: every text field a client would show, streamed or not, read one way only."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from rsafe_proxy.apis.choices import choice_text, delta_text
+from rsafe_proxy.bodies import parse_json
+from rsafe_proxy.errors import InvalidRequest
 from rsafe_proxy.streaming import sse_events
 
 
@@ -24,3 +26,21 @@ async def test_unreadable_data_events_are_marked_opaque() -> None:
     events = [event async for event in sse_events(chunks())]
     assert [event.opaque for event in events] == [False, True, False, False]
     assert events[-1].done
+
+
+def _nested_answer(depth: int) -> bytes:
+    content = '"\\ud800 half a pair"'
+    return b'{"message": {"content": ' + content.encode() + b'}, "x": ' + b"[" * depth + b"]" * depth + b"}"
+
+
+def test_a_lone_surrogate_is_refused_at_every_depth_json_reads() -> None:
+    # the check re-encodes the value a few frames deeper than json.loads reads it: at the one depth where the
+    # parse fits the stack and the check does not, the body was let through (then a 500 at the guard call)
+    for depth in range(0, 1200, 1):
+        with pytest.raises(InvalidRequest):
+            parse_json(_nested_answer(depth))
+
+
+def test_a_surrogate_pair_escaped_in_two_halves_reads_as_its_character() -> None:
+    assert parse_json(b'{"text": "\\ud83d\\ude00"}') == {"text": "\U0001f600"}
+    assert parse_json(b'{"text": "\\\\ud800"}') == {"text": "\\ud800"}  # an escaped backslash, no surrogate

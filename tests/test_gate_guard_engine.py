@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from rsafe_proxy.guard.conversation import ROLES
-from rsafe_proxy.guard.engine import GuardContextExceeded
+from rsafe_proxy.guard.engine import GuardContextExceeded, GuardEngineError, Sampling
+from rsafe_proxy.guard.engines.openai import OpenAIEngine
 from rsafe_proxy.guard.engines.prefix import PrefixStore
 from rsafe_proxy.guard.engines.transformers import TransformersEngine
 from tests.test_gate_guard import POLICY, _policy
@@ -123,3 +124,15 @@ def test_the_roles_a_policy_can_name_are_the_schema_s() -> None:
     narrowed = _policy(input_roles=["user", "system"])
     assert not narrowed.judges_role("tool") and narrowed.judges_role("user")
     assert narrowed.judges_role("ipython")  # a role the policy cannot name is always judged
+
+
+@pytest.mark.anyio
+async def test_a_text_json_cannot_carry_is_a_guard_failure_not_a_crash() -> None:
+    # bodies.parse_json refuses half a surrogate pair; one reaching the guard by any other way fails the verdict
+    # (the screen then fails closed) instead of raising UnicodeEncodeError out of the engine (a 500)
+    engine = OpenAIEngine("http://127.0.0.1:9/v1", "scripted-guard")
+    try:
+        with pytest.raises(GuardEngineError, match="unpaired surrogate"):
+            await engine.complete("judge this: \ud800", Sampling())
+    finally:
+        await engine.aclose()

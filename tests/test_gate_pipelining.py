@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import socket
 import threading
 import time
@@ -37,10 +38,12 @@ def _until_closed(sock: socket.socket, seconds: float) -> bytes:
         data += part
 
 
+_CHAT_HEAD = b"POST /v1/chat/completions HTTP/1.1\r\nhost: p\r\ncontent-type: application/json\r\ncontent-length: "
+
+
 def _streamed_chat(text: str) -> bytes:
     body = json.dumps({"model": "m", "messages": [{"role": "user", "content": text}], "stream": True}).encode()
-    head = "POST /v1/chat/completions HTTP/1.1\r\nhost: p\r\ncontent-type: application/json\r\ncontent-length: "
-    return head.encode() + str(len(body)).encode() + b"\r\n\r\n" + body
+    return _CHAT_HEAD + str(len(body)).encode() + b"\r\n\r\n" + body
 
 
 def test_pipelined_requests_are_parsed_only_a_few_ahead(proxy: Proxy) -> None:
@@ -173,6 +176,21 @@ def test_a_malformed_chunk_sent_while_the_body_is_awaited_is_answered_at_once(
         raw = _until_closed(sock, 8)
     assert "malformed" in str(_malformed_answer(raw)["message"]), raw
     assert upstream.requests == []
+
+
+def test_a_malformed_chunk_in_a_queued_pipelined_request_is_answered_at_once(
+    proxy: Proxy, upstream: FakeUpstream
+) -> None:
+    # the broken body belongs to a request queued behind one being answered: before, it was only held back, and
+    # once its turn came its app waited for the rest of the body until the body timeout (408 after 15 s)
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    first = _CHAT_HEAD + str(len(body)).encode() + b"\r\n\r\n" + body
+    with closing(_connect(proxy)) as sock:
+        sock.sendall(first + _CHUNKED_CHAT_HEAD + b'5\r\n{"mod\r\nZZZZ\r\n\r\n')
+        raw = _until_closed(sock, 8)
+    assert re.findall(rb"HTTP/1\.1 (\d{3}) ", raw) == [b"200", b"400"], raw[-300:]
+    assert "malformed" in raw.decode(errors="replace")
+    assert len(upstream.requests) == 1  # the first only
 
 
 def test_a_client_that_leaves_mid_body_is_recorded_as_gone_not_as_a_fault(

@@ -96,7 +96,11 @@ class OpenAIEngine:
         headers = {"content-type": "application/json"}
         inject(headers)  # the guard server's spans join the proxy's guard call span
         try:
-            status, raw = await self._post("/chat/completions", compact_json(payload), headers)
+            encoded = compact_json(payload)
+        except UnicodeEncodeError:  # half a surrogate pair (bodies.parse_json refuses those): judged as a failure
+            raise GuardEngineError("the text to judge holds an unpaired surrogate, which JSON cannot carry") from None
+        try:
+            status, raw = await self._post("/chat/completions", encoded, headers)
         except http_client.RequestTimedOut as error:
             raise GuardEngineError(f"guard server timed out: {error.cause}") from error
         except http_client.RequestFailed as error:
