@@ -393,6 +393,7 @@ class WindowedScreen:
         a buffer over its cap is refused)."""
         held: list[bytes] = []
         size = 0
+        finished = False  # the answer was complete at an event before this one
         try:
             async with contextlib.aclosing(self._watched(events)) as source:
                 async for event in source:
@@ -415,7 +416,12 @@ class WindowedScreen:
                         room.add(_Window([], 0, _settled(), last=True))  # the held text is dropped, unjudged
                         return
                     chunked = self.settings.mode is StreamMode.CHUNKED
-                    if self._closes(texts) or (chunked and room.full(size)):
+                    # the event that completes the answer (every choice finished) closes its window at once: its
+                    # verdict need not wait for the stream's end ([DONE], a usage chunk); anything an upstream
+                    # sends after it still forms a window of its own, judged before it is released
+                    completes = not finished and self._complete
+                    finished = finished or completes
+                    if completes or self._closes(texts) or (chunked and room.full(size)):
                         room.add(self._closing(held, size))
                         held, size = [], 0
                     await room.space()

@@ -243,6 +243,47 @@ async def test_windows_are_released_in_order_each_only_after_its_verdict() -> No
     assert [text_of(out) for out in outputs] == ["".join(SENTENCES[n : n + 2]) for n in (0, 2, 4)]
 
 
+class HeldEnd:
+    """An upstream that sends its chunks, then holds the end of its stream ([DONE]) until `release` is set."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = chunks
+        self.release = asyncio.Event()
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        for piece in self.chunks:
+            yield piece
+            await asyncio.sleep(0)
+        await self.release.wait()
+        yield DONE
+
+
+async def test_the_window_that_completes_the_answer_is_judged_before_the_stream_ends() -> None:
+    # the finish chunk completes the answer: its window's verdict need not wait for [DONE] (or a usage chunk)
+    judge = GatedJudge(auto=True)
+    upstream = HeldEnd([*map(chunk, SENTENCES[:3]), chunk("", finish="stop")])
+    stream = screened(judge, first_window_chars=600, window_chars=600).run(sse_events(upstream.stream()))
+    async with asyncio.timeout(5):  # before, nothing came until [DONE] did
+        released = await anext(stream)  # while [DONE] is still held back
+    assert text_of(released) == "".join(SENTENCES[:3]) and judge.judged == ["".join(SENTENCES[:3])]
+    upstream.release.set()
+    assert (await _all(stream)).endswith(DONE)
+
+
+async def test_text_sent_after_the_answer_completed_is_judged_before_it_goes_out() -> None:
+    judge = GatedJudge()
+    late = chunk(f"and then {UNSAFE}")  # a hostile upstream writing on after its finish chunk
+    upstream = HeldEnd([chunk(SENTENCES[0]), chunk("", finish="stop"), late])
+    stream = screened(judge, first_window_chars=600, window_chars=600).run(sse_events(upstream.stream()))
+    first = asyncio.ensure_future(anext(stream))
+    await until(lambda: len(judge.judged) == 1)
+    judge.open_all()
+    assert text_of(await first) == SENTENCES[0]
+    upstream.release.set()
+    rest = await _all(stream)
+    assert UNSAFE not in text_of(rest) and judge.judged[-1].endswith(UNSAFE)
+
+
 async def test_reading_stops_while_windows_in_flight_wait_for_their_verdicts() -> None:
     judge = GatedJudge()
     upstream = chat_upstream(SENTENCES[:12])
