@@ -434,6 +434,7 @@ class WindowedScreen:
         waits for the oldest beyond that); hold only the end of the stream."""
         checks: deque[asyncio.Task[_Cut | None]] = deque()
         tail: list[bytes] = []
+        finished = False  # as in _fill: the window the answer's completion closes is judged then
         try:
             async with contextlib.aclosing(self._watched(events)) as source:
                 async for event in source:
@@ -458,7 +459,9 @@ class WindowedScreen:
                     elif raw:
                         self._shown = self.template
                         yield raw
-                    if self._closes(texts):  # the window is taken now, not when its task first runs
+                    completes = not finished and self._complete
+                    finished = finished or completes
+                    if completes or self._closes(texts):  # the window is taken now, not when its task first runs
                         checks.append(asyncio.create_task(self._judge(self._close())))
                     while len(checks) >= self.settings.windows_in_flight:  # back-pressure: the oldest first
                         if failed := await checks[0]:

@@ -270,6 +270,20 @@ async def test_the_window_that_completes_the_answer_is_judged_before_the_stream_
     assert (await _all(stream)).endswith(DONE)
 
 
+async def test_async_mode_asks_for_the_last_verdict_when_the_answer_completes() -> None:
+    judge = GatedJudge()
+    upstream = HeldEnd([*map(chunk, SENTENCES[:3]), chunk("", finish="stop")])
+    stream = screened(judge, mode=StreamMode.ASYNC, first_window_chars=600, window_chars=600).run(
+        sse_events(upstream.stream())
+    )
+    reading = asyncio.ensure_future(_all(stream))
+    await until(lambda: len(judge.judged) == 1)  # with [DONE] still held back (before, only after it)
+    assert judge.judged == ["".join(SENTENCES[:3])]
+    judge.open_all()
+    upstream.release.set()
+    assert (await reading).endswith(DONE)
+
+
 async def test_text_sent_after_the_answer_completed_is_judged_before_it_goes_out() -> None:
     judge = GatedJudge()
     late = chunk(f"and then {UNSAFE}")  # a hostile upstream writing on after its finish chunk
