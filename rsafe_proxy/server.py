@@ -192,9 +192,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         served, or one queued behind it) cannot be parsed in its body (its `receive` raises the error, and the app
         answers it), directly when no request was handed to the app."""
         self._cancel_head_timer()
-        serving, broken = self._serving, self.cycle
-        queued = any(cycle is broken for cycle, _ in self.pipeline)
-        if self._in_body and (broken is serving or queued) and not broken.response_started:
+        broken = self.cycle  # the last request parsed: the one whose body is being read
+        handed = broken is self._serving or any(cycle is broken for cycle, _ in self.pipeline)
+        if self._in_body and handed and not broken.response_started:
             # the request whose body broke is the one being served, or one queued behind it: its app answers
             # the error at its first receive(), once its turn comes; nothing after it is read
             self._broken = (broken, error)

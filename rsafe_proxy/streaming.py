@@ -201,6 +201,7 @@ class WindowedScreen:
     _unreadable: bool = False
     _sequence: int = -1  # the upstream's last event number (a numbered dialect): the proxy's own continue it
     _closed: int = 0  # windows closed: the next one's number in the plan
+    _completed: bool = False  # the answer's completion closed a window (see _completes)
     _plan: WindowPlan = field(init=False)
     _shown: dict[str, Any] = field(default_factory=dict)  # the template as of the events released so far
     _events: AsyncIterator[Event] | None = None  # what start took
@@ -273,6 +274,15 @@ class WindowedScreen:
     def _complete(self) -> bool:
         """Whether the upstream has sent its whole answer ([DONE], its last event, or every choice finished)."""
         return self._ended or (bool(self._finished) and self._finished >= set(self.choices))
+
+    def _completes(self) -> bool:
+        """Whether the event just read completed the answer (true once): its window closes at once, so that its
+        verdict need not wait for the stream's end ([DONE], a usage chunk). Anything an upstream sends after it
+        still forms a window of its own, judged before it is released."""
+        if self._completed or not self._complete:
+            return False
+        self._completed = True
+        return True
 
     def _closes(self, texts: list[tuple[int, str]]) -> bool:
         """Whether the text an event added completes the open window (see windowplan.py); never in buffer mode."""
@@ -393,7 +403,6 @@ class WindowedScreen:
         a buffer over its cap is refused)."""
         held: list[bytes] = []
         size = 0
-        finished = False  # the answer was complete at an event before this one
         try:
             async with contextlib.aclosing(self._watched(events)) as source:
                 async for event in source:
@@ -416,12 +425,7 @@ class WindowedScreen:
                         room.add(_Window([], 0, _settled(), last=True))  # the held text is dropped, unjudged
                         return
                     chunked = self.settings.mode is StreamMode.CHUNKED
-                    # the event that completes the answer (every choice finished) closes its window at once: its
-                    # verdict need not wait for the stream's end ([DONE], a usage chunk); anything an upstream
-                    # sends after it still forms a window of its own, judged before it is released
-                    completes = not finished and self._complete
-                    finished = finished or completes
-                    if completes or self._closes(texts) or (chunked and room.full(size)):
+                    if self._completes() or self._closes(texts) or (chunked and room.full(size)):
                         room.add(self._closing(held, size))
                         held, size = [], 0
                     await room.space()
@@ -434,7 +438,6 @@ class WindowedScreen:
         waits for the oldest beyond that); hold only the end of the stream."""
         checks: deque[asyncio.Task[_Cut | None]] = deque()
         tail: list[bytes] = []
-        finished = False  # as in _fill: the window the answer's completion closes is judged then
         try:
             async with contextlib.aclosing(self._watched(events)) as source:
                 async for event in source:
@@ -459,9 +462,9 @@ class WindowedScreen:
                     elif raw:
                         self._shown = self.template
                         yield raw
-                    completes = not finished and self._complete
-                    finished = finished or completes
-                    if completes or self._closes(texts):  # the window is taken now, not when its task first runs
+                    if self._completes() or self._closes(
+                        texts
+                    ):  # the window is taken now, not when its task first runs
                         checks.append(asyncio.create_task(self._judge(self._close())))
                     while len(checks) >= self.settings.windows_in_flight:  # back-pressure: the oldest first
                         if failed := await checks[0]:

@@ -187,7 +187,7 @@ def chat_upstream(texts: list[str]) -> Upstream:
 async def test_windows_grow_from_about_a_sentence_to_the_largest() -> None:
     judge = GatedJudge(auto=True)
     upstream = chat_upstream(SENTENCES)
-    out = await _all(screened(judge, first_window_chars=64, window_chars=256).run(sse_events(upstream.stream())))
+    out = await collected(screened(judge, first_window_chars=64, window_chars=256).run(sse_events(upstream.stream())))
     answer = "".join(SENTENCES)
     assert text_of(out) == answer
     # each window is judged with the whole answer so far
@@ -203,12 +203,12 @@ async def test_windows_grow_from_about_a_sentence_to_the_largest() -> None:
 async def test_the_screen_keeps_each_choices_text_as_the_window_plans_choice_text() -> None:
     # one home for the per-choice window text: the LiteLLM adapter keeps its choices in the same class
     screen = screened(GatedJudge(auto=True))
-    await _all(screen.run(sse_events(chat_upstream(SENTENCES[:3]).stream())))
+    await collected(screen.run(sse_events(chat_upstream(SENTENCES[:3]).stream())))
     assert [type(choice) for choice in screen.choices.values()] == [ChoiceText]
     assert screen.choices[0].closed == "".join(SENTENCES[:3]) and screen.choices[0].size == 0
 
 
-async def _all(stream: AsyncIterator[bytes]) -> bytes:
+async def collected(stream: AsyncIterator[bytes]) -> bytes:
     return b"".join([out async for out in stream])
 
 
@@ -225,7 +225,7 @@ async def test_reading_goes_on_while_a_verdict_is_pending() -> None:
     judge.open(0)
     assert text_of(await first) == "".join(SENTENCES[:2])
     judge.open_all()
-    rest = await _all(stream)
+    rest = await collected(stream)
     assert text_of(rest) == "".join(SENTENCES[2:8]) and rest.endswith(DONE)
 
 
@@ -241,61 +241,6 @@ async def test_windows_are_released_in_order_each_only_after_its_verdict() -> No
     judge.open(0)
     outputs = [await first, await anext(stream), await anext(stream)]
     assert [text_of(out) for out in outputs] == ["".join(SENTENCES[n : n + 2]) for n in (0, 2, 4)]
-
-
-class HeldEnd:
-    """An upstream that sends its chunks, then holds the end of its stream ([DONE]) until `release` is set."""
-
-    def __init__(self, chunks: list[bytes]) -> None:
-        self.chunks = chunks
-        self.release = asyncio.Event()
-
-    async def stream(self) -> AsyncIterator[bytes]:
-        for piece in self.chunks:
-            yield piece
-            await asyncio.sleep(0)
-        await self.release.wait()
-        yield DONE
-
-
-async def test_the_window_that_completes_the_answer_is_judged_before_the_stream_ends() -> None:
-    # the finish chunk completes the answer: its window's verdict need not wait for [DONE] (or a usage chunk)
-    judge = GatedJudge(auto=True)
-    upstream = HeldEnd([*map(chunk, SENTENCES[:3]), chunk("", finish="stop")])
-    stream = screened(judge, first_window_chars=600, window_chars=600).run(sse_events(upstream.stream()))
-    async with asyncio.timeout(5):  # before, nothing came until [DONE] did
-        released = await anext(stream)  # while [DONE] is still held back
-    assert text_of(released) == "".join(SENTENCES[:3]) and judge.judged == ["".join(SENTENCES[:3])]
-    upstream.release.set()
-    assert (await _all(stream)).endswith(DONE)
-
-
-async def test_async_mode_asks_for_the_last_verdict_when_the_answer_completes() -> None:
-    judge = GatedJudge()
-    upstream = HeldEnd([*map(chunk, SENTENCES[:3]), chunk("", finish="stop")])
-    stream = screened(judge, mode=StreamMode.ASYNC, first_window_chars=600, window_chars=600).run(
-        sse_events(upstream.stream())
-    )
-    reading = asyncio.ensure_future(_all(stream))
-    await until(lambda: len(judge.judged) == 1)  # with [DONE] still held back (before, only after it)
-    assert judge.judged == ["".join(SENTENCES[:3])]
-    judge.open_all()
-    upstream.release.set()
-    assert (await reading).endswith(DONE)
-
-
-async def test_text_sent_after_the_answer_completed_is_judged_before_it_goes_out() -> None:
-    judge = GatedJudge()
-    late = chunk(f"and then {UNSAFE}")  # a hostile upstream writing on after its finish chunk
-    upstream = HeldEnd([chunk(SENTENCES[0]), chunk("", finish="stop"), late])
-    stream = screened(judge, first_window_chars=600, window_chars=600).run(sse_events(upstream.stream()))
-    first = asyncio.ensure_future(anext(stream))
-    await until(lambda: len(judge.judged) == 1)
-    judge.open_all()
-    assert text_of(await first) == SENTENCES[0]
-    upstream.release.set()
-    rest = await _all(stream)
-    assert UNSAFE not in text_of(rest) and judge.judged[-1].endswith(UNSAFE)
 
 
 async def test_reading_stops_while_windows_in_flight_wait_for_their_verdicts() -> None:
@@ -314,7 +259,7 @@ async def test_reading_stops_while_windows_in_flight_wait_for_their_verdicts() -
     await settle()
     assert len(judge.judged) == 3 and upstream.read == 6
     judge.open_all()
-    assert text_of(await _all(stream)) == "".join(SENTENCES[2:12])
+    assert text_of(await collected(stream)) == "".join(SENTENCES[2:12])
 
 
 async def test_reading_stops_at_the_held_bytes_cap() -> None:
@@ -337,7 +282,7 @@ async def test_reading_stops_at_the_held_bytes_cap() -> None:
     await settle()
     assert upstream.read == 2 * per_window
     judge.open_all()
-    assert text_of(await _all(stream)) == word * (10 - per_window)
+    assert text_of(await collected(stream)) == word * (10 - per_window)
 
 
 async def test_an_unsafe_window_stops_the_stream_and_nothing_after_it_goes_out() -> None:
@@ -351,7 +296,7 @@ async def test_an_unsafe_window_stops_the_stream_and_nothing_after_it_goes_out()
     await settle()
     assert not first.done()
     judge.open(0)
-    out = await first + await _all(stream)
+    out = await first + await collected(stream)
     assert text_of(out) == "".join(SENTENCES[:2]) + WITHHELD
     *_, final, done = parsed(out)
     assert done == "[DONE]" and isinstance(final, dict)
@@ -396,7 +341,7 @@ async def test_async_mode_releases_at_once_and_waits_for_the_oldest_verdict_beyo
     judge.open(0)
     assert text_of(await pending) == SENTENCES[2]
     judge.open_all()
-    out = await _all(stream)
+    out = await collected(stream)
     assert text_of(out) == "".join(SENTENCES[3:6]) and out.endswith(DONE)
     assert judge.judged[-1] == "".join(SENTENCES[:6])
 
