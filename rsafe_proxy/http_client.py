@@ -1,58 +1,53 @@
-"""The pooled HTTP client the proxy calls the upstream and the guard with: aiohttp's, behind a small interface.
+"""The pooled HTTP/1.1 client the proxy calls the upstream and the guard with (rsafe_proxy.http_connection
+speaks the protocol on each connection; this module keeps the pool and builds the requests).
 
-aiohttp's client parses HTTP in C (llhttp) and keeps a simple per-host pool; on the proxy's hot path one call
-costs about a seventh of the CPU of httpx's (benchmarks/README.md, "Proxy CPU per request"), and a screened
-request makes three. What the proxy relies on is set here once:
+It is the proxy's own: aiohttp's client, which it used before, cost about twice its CPU per call on the hot path
+(benchmarks/README.md, "Proxy CPU per request"), and a screened request makes three. What the proxy relies on:
 
 - no cookies (one client serves every tenant: a cookie set for one request must not go out with another's);
 - no redirects followed (a Location must never send a request where the proxy did not choose);
 - no proxy from the environment, the URL sent as built (the proxy has canonicalised the path: nothing may
-  re-resolve it on the way out), no automatic User-Agent or Content-Type;
+  re-resolve it on the way out), no header added but Host and the body's Content-Length;
 - TLS verified against certifi's roots, or those in SSL_CERT_FILE / SSL_CERT_DIR where set (as httpx did);
-- a connect timeout and a read timeout between chunks (as httpx's), a bounded wait for a pooled connection;
+- a connect timeout, a read timeout between chunks, a deadline for the answer's head and a bounded wait for a
+  pooled connection;
+- a gzip or deflate answer decoded (the proxy asks for identity; an upstream may compress anyway);
 - every failure raised as `RequestTimedOut` or `RequestFailed`, with the cause in words a user can act on."""
 
 from __future__ import annotations
 
 import asyncio
 import os
-import socket
+import re
 import ssl
+from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import NamedTuple
 
-import aiohttp
 import certifi
-from multidict import CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-# Response head limits: a line or header of an upstream's answer up to 64 KiB (aiohttp's default, 8 KiB, is
-# smaller than some servers' headers).
-_MAX_HEAD_LINE = 64 * 1024
-_MAX_HEADERS = 256
-# How long an idle kept-alive connection is kept (httpx's default: 5 s; servers commonly close at 5-75 s).
-_KEEPALIVE_S = 5.0
+from rsafe_proxy.http_connection import AnswerTooLarge as AnswerTooLarge
+from rsafe_proxy.http_connection import Connection
+from rsafe_proxy.http_connection import RequestFailed as RequestFailed
+from rsafe_proxy.http_connection import RequestTimedOut as RequestTimedOut
+from rsafe_proxy.http_connection import os_cause as os_cause
 
-
-class RequestFailed(Exception):
-    """The request could not be sent or its answer broke off; `cause` says why, in words."""
-
-    def __init__(self, cause: str) -> None:
-        super().__init__(cause)
-        self.cause = cause
-
-
-class AnswerTooLarge(RequestFailed):
-    """The answer's body went past the size its reader allows."""
-
-
-class RequestTimedOut(RequestFailed):
-    """No connection, or no (more) answer, within the timeout."""
-
-    def __init__(self, cause: str, connecting: bool) -> None:
-        super().__init__(cause)
-        self.connecting = connecting
+# How long an idle kept-alive connection is kept: under the 5 s after which uvicorn (vLLM's server, most Python
+# servers) closes one, so that a request is not sent on a connection the server is closing.
+_KEEPALIVE_S = 4.0
+# A request target as HTTP carries it: visible ASCII (the proxy encoded it), no fragment.
+_TARGET = re.compile(r"[!-\x22\x24-~]*")
+# Header names (RFC 9110 tokens), one per line; header values must hold no line break and no NUL.
+_NAMES = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+(?:\n[!#$%&'*+\-.^_`|~0-9A-Za-z]+)*")
+# Framing is the client's to set: a caller's would disagree with the body sent.
+_FRAMING = frozenset({"host", "content-length", "transfer-encoding"})
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+# Methods a request may be sent again for, on a new connection, when a kept-alive one turns out closed before
+# any of the answer came (as aiohttp and urllib3 do): the server cannot have acted on them twice.
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
 
 @dataclass(frozen=True)
@@ -63,16 +58,11 @@ class Timeouts:
     read_s: float
     connect_s: float
 
-    def aiohttp(self) -> aiohttp.ClientTimeout:
-        return aiohttp.ClientTimeout(
-            total=None, connect=self.read_s + self.connect_s, sock_connect=self.connect_s, sock_read=self.read_s
-        )
-
     @property
     def head_s(self) -> float:
         """The deadline for the answer's head, from the call: a pooled connection (read_s), a new one
-        (connect_s), the body written (read_s) and the head awaited (read_s). aiohttp times neither the writing
-        of a body nor a wait for "100 Continue": without it a peer that stops reading holds the call for good."""
+        (connect_s), the body written (read_s) and the head awaited (read_s), so that a peer that stops reading
+        the body cannot hold the call for good."""
         return self.connect_s + 3 * self.read_s
 
 
@@ -86,130 +76,264 @@ def tls_context() -> ssl.SSLContext:
     return ssl.create_default_context(cafile=certifi.where())
 
 
-def _describe(error: BaseException) -> str:
-    """Why a request failed, in words a user can act on: DNS, refused, TLS, a broken connection."""
-    if isinstance(error, aiohttp.ClientConnectorCertificateError):
-        return f"the TLS certificate was not accepted ({error.certificate_error})"
-    if isinstance(error, aiohttp.ClientConnectorDNSError):
-        return f"the host name could not be resolved (DNS: {error.os_error.strerror or error.os_error})"
-    if isinstance(error, aiohttp.ClientConnectorError | aiohttp.ClientSSLError):
-        return os_cause(error.os_error)
-    if isinstance(error, aiohttp.ServerDisconnectedError):
-        return "the connection broke (the server closed it)"
-    if isinstance(error, OSError):
-        return os_cause(error)
-    text = str(error) or type(error).__name__
-    if "ssl" in text.lower() or "certificate" in text.lower():
-        return f"the TLS handshake failed ({text})"
-    return f"the connection broke ({type(error).__name__}: {text})"
+class Origin(NamedTuple):
+    """Where connections go: scheme, host and port, and the Host header that names them."""
+
+    secure: bool
+    host: str
+    port: int
+    host_header: str
 
 
-def os_cause(error: OSError) -> str:
-    """An OS-level connection error in words: DNS, refused, TLS, else as the OS says it."""
-    if isinstance(error, socket.gaierror):
-        return f"the host name could not be resolved (DNS: {error.strerror or error})"
-    if isinstance(error, ConnectionRefusedError):
-        return "the connection was refused (nothing listens on that port)"
-    if isinstance(error, ssl.SSLCertVerificationError):
-        return f"the TLS certificate was not accepted ({error.verify_message or error.reason})"
-    if isinstance(error, ssl.SSLError):
-        return f"the TLS handshake failed ({error.reason or error})"
-    return f"the connection failed ({error.strerror or error})"
+def origin_of(address: str) -> Origin:
+    """The origin of `scheme://authority` (RequestFailed where it is not an http(s) URL's)."""
+    try:
+        url = URL(address)
+    except ValueError as error:
+        raise RequestFailed(f"the address is not a valid URL ({error})") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise RequestFailed(f"the address is not an http or https URL ({address})")
+    if url.user is not None or url.password is not None:
+        raise RequestFailed("the address holds credentials, which the proxy does not send")
+    secure = url.scheme == "https"
+    port = url.port or (443 if secure else 80)
+    host = url.host
+    named = f"[{host}]" if ":" in host else host
+    return Origin(secure, host, port, named if port == (443 if secure else 80) else f"{named}:{port}")
 
 
-def _failure(error: BaseException) -> RequestFailed:
-    """aiohttp's (or asyncio's) error as ours."""
-    if isinstance(error, aiohttp.ConnectionTimeoutError):
-        return RequestTimedOut("no connection within the connect timeout, or none free in the pool", connecting=True)
-    if isinstance(error, TimeoutError):  # aiohttp's SocketTimeoutError is one, as is asyncio's
-        return RequestTimedOut("no answer within the timeout", connecting=False)
-    return RequestFailed(_describe(error))
+def _split(url: str) -> tuple[str, str]:
+    """`url` as its `scheme://authority` and its request target (as given: never decoded or re-encoded)."""
+    scheme_end = url.find("://")
+    if scheme_end < 0:
+        raise RequestFailed(f"the address is not a valid URL ({url[:100]})")
+    start = scheme_end + 3
+    ends = [at for at in (url.find("/", start), url.find("?", start)) if at >= 0]
+    end = min(ends) if ends else len(url)
+    target = url[end:] or "/"
+    if target[0] == "?":
+        target = f"/{target}"
+    if not _TARGET.fullmatch(target):
+        raise RequestFailed("the address is not a valid URL (its path must be encoded, with no fragment)")
+    return url[:end], target
 
 
-_FAILURES = (aiohttp.ClientError, OSError, TimeoutError, asyncio.IncompleteReadError)
-
-
-def _unread(content: aiohttp.StreamReader) -> bytes:
-    """The bytes that arrived but were not read yet. aiohttp raises a broken connection's error ahead of them (its
-    reader checks for an error before its buffer), so without this the end of an answer that came whole, just
-    before the connection broke, would be lost (tests/test_gate_channels.py: a stream that breaks after it
-    finished ends normally)."""
-    buffer = getattr(content, "_buffer", None)
-    if not buffer:
-        return b""
-    arrived = b"".join(buffer)
-    buffer.clear()
-    return arrived
+def request_head(method: str, target: str, host: str, headers: Mapping[str, str], length: int | None) -> bytes:
+    """The request's head: its line, Host, the caller's headers (never framing), Content-Length."""
+    names = [name for name in headers if name.lower() not in _FRAMING]
+    values = [headers[name] for name in names]
+    if names and not _NAMES.fullmatch("\n".join(names)):
+        raise RequestFailed("the request could not be sent (a header name is not a valid token)")
+    joined = "\n".join(values)
+    if values and ("\r" in joined or "\x00" in joined or joined.count("\n") != len(values) - 1):
+        raise RequestFailed("the request could not be sent (a header value holds a line break)")
+    lines = [f"{method} {target} HTTP/1.1\r\nhost: {host}\r\n"]
+    lines += [f"{name}: {value}\r\n" for name, value in zip(names, values, strict=True)]
+    if length is not None:
+        lines.append(f"content-length: {length}\r\n")
+    lines.append("\r\n")
+    text = "".join(lines)
+    try:
+        return text.encode("latin-1")  # as the proxy's server decoded the client's headers: they go on unchanged
+    except UnicodeEncodeError:
+        return text.encode("utf-8")  # a configured value beyond latin-1 (the only other choice a server reads)
 
 
 class Answer:
     """A response whose body is read as it comes (`chunks`) or whole (`read`); close it when done."""
 
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
-        self._response = response
-        self.status_code: int = response.status
-        self.headers: CIMultiDictProxy[str] = response.headers
+    def __init__(
+        self, connection: Connection, pool: _Pool, origin: Origin, read_s: float, busy: set[Connection]
+    ) -> None:
+        self._connection: Connection | None = connection
+        self._pool = pool
+        self._origin = origin
+        self._read_s = read_s
+        self._busy = busy
+        self.status_code: int = connection.status
+        self.headers: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict(connection.headers))
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        """The body as it arrives (decoded where the server compressed it); RequestFailed where it breaks off."""
-        content = self._response.content
-        try:
-            async for chunk in content.iter_any():
-                yield chunk
-        except _FAILURES as error:
-            if arrived := _unread(content):  # what came before the break is the answer's too: passed on first
-                yield arrived
-            raise _failure(error) from error
+        """The body as it arrives (decoded where the server compressed it); RequestFailed where it breaks off
+        (what arrived before the break comes first)."""
+        connection = self._connection
+        if connection is None:
+            raise RequestFailed("the answer was closed")
+        while (piece := await connection.take(self._read_s)) is not None:
+            yield piece
 
     async def read(self, max_bytes: int) -> bytes:
         """The whole body; RequestFailed where it breaks off, AnswerTooLarge past `max_bytes`."""
-        body = bytearray()
-        async for chunk in self.chunks():
-            body += chunk
-            if len(body) > max_bytes:
-                raise AnswerTooLarge(f"the answer is over {max_bytes} bytes")
-        return bytes(body)
+        if self._connection is None:
+            raise RequestFailed("the answer was closed")
+        return await self._connection.whole(self._read_s, max_bytes)
 
     async def aclose(self) -> None:
         """Done with it: a body read to its end leaves the connection to the pool, any other closes it."""
-        self._response.release()
+        if (connection := self._connection) is not None:
+            self._connection = None
+            self._busy.discard(connection)
+            self._pool.release(connection, self._origin)
+
+
+class _Pool:
+    """At most `limit` connections, over every origin; the idle ones kept per origin, newest reused first, for
+    _KEEPALIVE_S."""
+
+    def __init__(self, limit: int, loop: asyncio.AbstractEventLoop) -> None:
+        self.limit = limit
+        self.loop = loop
+        self._idle: dict[Origin, list[Connection]] = {}
+        self._open = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._tls: ssl.SSLContext | None = None
+
+    def reuse(self, origin: Origin) -> Connection | None:
+        """An idle connection to `origin`, taken out of the pool; None where there is none."""
+        idle = self._idle.get(origin)
+        while idle:
+            connection = idle.pop()
+            connection.on_lost = None
+            if connection.idle_timer is not None:
+                connection.idle_timer.cancel()
+                connection.idle_timer = None
+            if not connection.closed:
+                return connection
+            self._open -= 1  # closing already (it sent bytes nobody asked for): its slot is free
+        return None
+
+    async def connect(self, origin: Origin, timeouts: Timeouts) -> Connection:
+        """A new connection to `origin`, once the pool has room for it (within `timeouts.read_s`)."""
+        while self._open >= self.limit:
+            if not self._close_an_idle_one():
+                waiter = self.loop.create_future()
+                self._waiters.append(waiter)
+                try:
+                    async with asyncio.timeout(timeouts.read_s):
+                        await waiter
+                except TimeoutError:
+                    raise RequestTimedOut(
+                        "no connection within the connect timeout, or none free in the pool", connecting=True
+                    ) from None
+                finally:
+                    if waiter in self._waiters:
+                        self._waiters.remove(waiter)
+                if (reused := self.reuse(origin)) is not None:
+                    return reused
+        self._open += 1
+        try:
+            return await self._dial(origin, timeouts.connect_s)
+        except BaseException:
+            self._open -= 1
+            self._wake_one()
+            raise
+
+    async def _dial(self, origin: Origin, connect_s: float) -> Connection:
+        tls: ssl.SSLContext | None = None
+        if origin.secure:
+            tls = self._tls = self._tls or tls_context()
+        try:
+            async with asyncio.timeout(connect_s):
+                _, connection = await self.loop.create_connection(
+                    Connection, origin.host, origin.port, ssl=tls, server_hostname=origin.host if tls else None
+                )
+        except TimeoutError:
+            raise RequestTimedOut(
+                "no connection within the connect timeout, or none free in the pool", connecting=True
+            ) from None
+        except OSError as error:
+            raise RequestFailed(os_cause(error)) from None
+        return connection
+
+    def release(self, connection: Connection, origin: Origin | None = None) -> None:
+        """Back to the pool where it can serve another request (to its origin), else closed."""
+        if origin is not None and connection.reusable:
+            connection.reset()
+            connection.idle_since = self.loop.time()
+            idle = self._idle.setdefault(origin, [])
+            idle.append(connection)
+            connection.on_lost = lambda: self._forget(connection, idle)
+            connection.idle_timer = self.loop.call_later(_KEEPALIVE_S, self._expire, connection)
+            self._wake_one()
+            return
+        connection.close()
+        self._open -= 1
+        self._wake_one()
+
+    def _forget(self, connection: Connection, idle: list[Connection]) -> None:
+        """An idle connection leaves the pool (the server closed it, or it was idle too long)."""
+        if connection.idle_timer is not None:
+            connection.idle_timer.cancel()
+            connection.idle_timer = None
+        connection.on_lost = None
+        idle.remove(connection)
+        self._open -= 1
+        self._wake_one()
+
+    def _expire(self, connection: Connection) -> None:
+        connection.idle_timer = None
+        if (on_lost := connection.on_lost) is not None:
+            on_lost()
+            connection.close_idle()
+
+    def _close_an_idle_one(self) -> bool:
+        """Room for a connection to another origin, made by closing one idle here (the oldest of a list)."""
+        for idle in self._idle.values():
+            if idle:
+                self._expire_now(idle[0])
+                return True
+        return False
+
+    def _expire_now(self, connection: Connection) -> None:
+        if connection.idle_timer is not None:
+            connection.idle_timer.cancel()
+        self._expire(connection)
+
+    def _wake_one(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def close(self) -> None:
+        for idle in list(self._idle.values()):
+            for connection in list(idle):
+                self._expire_now(connection)
+        self._idle.clear()
 
 
 class HttpClient:
-    """A pooled client (`max_connections`, kept alive) with the behaviour in the module's docstring. Its
-    aiohttp session is made on first use, on the running loop."""
+    """A pooled client (`max_connections`, kept alive) with the behaviour in the module's docstring. Its pool is
+    made on first use, on the running loop."""
 
     def __init__(self, max_connections: int, timeouts: Timeouts, headers: Mapping[str, str] | None = None) -> None:
         self.max_connections = max_connections
         self.timeouts = timeouts
         self._headers = dict(headers or {})
-        self._session: aiohttp.ClientSession | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pool: _Pool | None = None
+        self._origins: dict[str, Origin] = {}
+        self._busy: set[Connection] = set()
         self.closed = False
 
-    def _opened(self) -> aiohttp.ClientSession:
+    def _opened(self) -> _Pool:
         if self.closed:
             raise RequestFailed("the client is closed")
         loop = asyncio.get_running_loop()
-        if self._loop is not None and self._loop is not loop:  # its connections belong to the first loop
+        if self._pool is None:
+            self._pool = _Pool(self.max_connections, loop)
+        elif self._pool.loop is not loop:  # its connections belong to the first loop
             raise RequestFailed("the client was made on another event loop")
-        if self._session is None:
-            self._loop = loop
-            connector = aiohttp.TCPConnector(
-                limit=self.max_connections, keepalive_timeout=_KEEPALIVE_S, ssl=tls_context()
-            )
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                headers=self._headers,
-                cookie_jar=aiohttp.DummyCookieJar(),
-                skip_auto_headers=("User-Agent", "Content-Type"),
-                timeout=self.timeouts.aiohttp(),
-                trust_env=False,
-                max_line_size=_MAX_HEAD_LINE,
-                max_field_size=_MAX_HEAD_LINE,
-                max_headers=_MAX_HEADERS,
-            )
-        return self._session
+        return self._pool
+
+    def _origin(self, address: str) -> Origin:
+        origin = self._origins.get(address)
+        if origin is None:
+            origin = origin_of(address)
+            if len(self._origins) >= 256:  # addresses come from configuration; bounded all the same
+                self._origins.clear()
+            self._origins[address] = origin
+        return origin
 
     async def open(
         self,
@@ -220,25 +344,41 @@ class HttpClient:
         timeouts: Timeouts | None = None,
     ) -> Answer:
         """Send the request; the answer comes back with its body unread. `url` is sent as given (encoded)."""
-        options: dict[str, Any] = {"allow_redirects": False}
+        pool = self._opened()
         timeouts = timeouts or self.timeouts
-        if timeouts is not self.timeouts:
-            options["timeout"] = timeouts.aiohttp()
-        try:
-            target = URL(url, encoded=True)
-        except ValueError as error:
-            raise RequestFailed(f"the address is not a valid URL ({error})") from None
-        try:
-            async with asyncio.timeout(timeouts.head_s):
-                response = await self._opened().request(method, target, headers=headers, data=content, **options)
-        except _FAILURES as error:
-            raise _failure(error) from error
-        except ValueError as error:  # a header aiohttp will not send (a line break in a value, say)
-            raise RequestFailed(f"the request could not be sent ({error})") from None
-        return Answer(response)
+        address, target = _split(url)
+        origin = self._origin(address)
+        sent = {**self._headers, **headers} if self._headers and headers else (headers or self._headers)
+        length = len(content) if content is not None else (0 if method in _BODY_METHODS else None)
+        head = request_head(method, target, origin.host_header, sent, length)
+        head_by = pool.loop.time() + timeouts.head_s
+        for attempt in (1, 2):
+            connection = pool.reuse(origin)
+            reused = connection is not None
+            if connection is None:
+                connection = await pool.connect(origin, timeouts)
+            self._busy.add(connection)
+            try:
+                await connection.exchange(head, content, head_by, timeouts.read_s)
+            except RequestFailed as error:
+                self._busy.discard(connection)
+                pool.release(connection)
+                retry = reused and not connection.received and method in _IDEMPOTENT
+                if attempt == 2 or not retry or isinstance(error, RequestTimedOut):
+                    raise
+                continue
+            except BaseException:  # cancelled: the exchange is cut short, and its connection with it
+                self._busy.discard(connection)
+                pool.release(connection)
+                raise
+            return Answer(connection, pool, origin, timeouts.read_s, self._busy)
+        raise AssertionError("unreachable")
 
     async def aclose(self) -> None:
         """Close the pool's connections; the client refuses requests from now on."""
         self.closed = True
-        if self._session is not None:
-            await self._session.close()
+        if self._pool is not None:
+            self._pool.close()
+        for connection in list(self._busy):
+            connection.close()
+        self._busy.clear()

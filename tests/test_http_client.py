@@ -304,3 +304,198 @@ def test_headers_the_proxy_could_not_send_on_are_dropped_and_expect_is_not_forwa
     }
     assert returned_headers(answer) == {"x-fine": "a\tb"}
     assert "expect" not in forward_headers({"expect": "100-continue", "content-type": "application/json"}, None)
+
+
+def test_connections_the_server_closes_free_their_place_in_the_pool() -> None:
+    # a pool of one: were the closed connection still counted, the second request would wait for a free one
+    async def one_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _request(reader)
+        writer.write(ANSWER)
+        await writer.drain()
+
+    async def check(url: str, connections: list[int]) -> None:
+        client = http_client.HttpClient(1, http_client.Timeouts(0.5, 1.0))
+        for number in range(4):
+            assert await _get(client, f"{url}/{number}") == BODY
+            await asyncio.sleep(0.05)
+        await client.aclose()
+
+    assert len(_serve(one_answer, check)) == 4
+
+
+def _answers(*raw: bytes) -> Handler:
+    """A server that answers its n-th request with raw[n] (keep-alive as far as the bytes say)."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for answer in raw:
+            if not await _request(reader):
+                return
+            writer.write(answer)
+            await writer.drain()
+
+    return handler
+
+
+def _one(raw: bytes, check: Callable[[http_client.HttpClient, str], Awaitable[None]]) -> None:
+    async def run(url: str, connections: list[int]) -> None:
+        client = _client(read_s=1.0)
+        try:
+            await check(client, url)
+        finally:
+            await client.aclose()
+
+    _serve(_answers(raw), run)
+
+
+def test_a_compressed_chunked_answer_is_decoded() -> None:
+    import gzip
+
+    packed = gzip.compress(b"x" * 300_000 + b"end")
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in (packed[:100], packed[100:])) + b"0\r\n\r\n"
+    raw = b"HTTP/1.1 200 OK\r\ncontent-encoding: gzip\r\ntransfer-encoding: chunked\r\n\r\n" + chunked
+
+    async def check(client: http_client.HttpClient, url: str) -> None:
+        answer = await client.open("GET", url)
+        pieces = [piece async for piece in answer.chunks()]
+        await answer.aclose()
+        assert b"".join(pieces) == b"x" * 300_000 + b"end"
+        assert max(map(len, pieces)) <= 256 * 1024  # decoded in bounded pieces
+
+    _one(raw, check)
+
+
+def test_an_encoding_the_proxy_cannot_decode_is_refused() -> None:
+    raw = b"HTTP/1.1 200 OK\r\ncontent-encoding: br\r\ncontent-length: 2\r\n\r\nab"
+
+    async def check(client: http_client.HttpClient, url: str) -> None:
+        with pytest.raises(http_client.RequestFailed, match="encoded as 'br'"):
+            await client.open("GET", url)
+
+    _one(raw, check)
+
+
+@pytest.mark.parametrize(
+    ("head", "says"),
+    [
+        (b"".join(b"x-%d: v\r\n" % n for n in range(300)), "over 256 headers"),
+        (b"x-big: " + b"v" * (70 * 1024) + b"\r\n", "a header over 65536 bytes"),
+        (b"x-endless: " + b"v" * (3 << 20), "head is over 1048576 bytes"),
+        (b"content-length: 2\r\ntransfer-encoding: chunked\r\n", "not valid HTTP"),
+    ],
+)
+def test_an_answer_head_past_its_limits_or_ambiguous_is_refused(head: bytes, says: str) -> None:
+    raw = b"HTTP/1.1 200 OK\r\n" + head + b"\r\n0\r\n\r\n"
+
+    async def check(client: http_client.HttpClient, url: str) -> None:
+        with pytest.raises(http_client.RequestFailed, match=says):
+            await client.open("GET", url)
+
+    _one(raw, check)
+
+
+@pytest.mark.parametrize(
+    "headers", [{"x-a": "one\r\nx-injected: two"}, {"x-a": "one\nx-b"}, {"bad name": "v"}, {"x-a": "nul\x00"}]
+)
+def test_a_header_that_would_split_the_request_is_not_sent(headers: dict[str, str]) -> None:
+    async def check(client: http_client.HttpClient, url: str) -> None:
+        with pytest.raises(http_client.RequestFailed, match="could not be sent"):
+            await client.open("GET", url, headers)
+
+    _one(ANSWER, check)
+
+
+def test_an_informational_answer_is_skipped_and_a_head_answer_has_no_body() -> None:
+    continued = b"HTTP/1.1 100 Continue\r\n\r\n" + ANSWER
+    head_answer = b"HTTP/1.1 200 OK\r\ncontent-length: 5000\r\n\r\n"  # the length a GET's body would have
+
+    async def check(url: str, connections: list[int]) -> None:
+        client = _client(read_s=1.0)
+        assert await _get(client, url) == BODY
+        answer = await client.open("HEAD", url)
+        assert (answer.status_code, await answer.read(10)) == (200, b"")
+        await answer.aclose()
+        await client.aclose()
+
+    _serve(_answers(continued, head_answer), check)
+
+
+def test_a_kept_alive_connection_found_closed_is_retried_only_for_an_idempotent_request() -> None:
+    # the server takes a second request on a kept-alive connection and closes it unanswered (the race of a
+    # server closing an idle connection as the client reuses it): a GET is sent again on a new connection,
+    # a POST is not (the server may have acted on it)
+    async def closes_on_second(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _request(reader)
+        writer.write(ANSWER)
+        await writer.drain()
+        await _request(reader)
+
+    async def check(url: str, connections: list[int]) -> None:
+        client = _client(read_s=1.0)
+        assert await _get(client, f"{url}/a") == BODY
+        assert await _get(client, f"{url}/b") == BODY
+        with pytest.raises(http_client.RequestFailed, match="the connection broke"):
+            await _get(client, f"{url}/c", "POST", b"{}")
+        await client.aclose()
+
+    # /a and /b (sent again) on the first two; the POST on the second, which took it and closed unanswered
+    assert len(_serve(closes_on_second, check)) == 2
+
+
+def test_a_cancelled_call_closes_its_connection() -> None:
+    async def slow_then_fine(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await _request(reader):
+            await asyncio.sleep(0.3)
+            writer.write(ANSWER)
+            await writer.drain()
+
+    async def check(url: str, connections: list[int]) -> None:
+        client = _client()
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.1):
+                await client.open("GET", f"{url}/slow")
+        assert await _get(client, f"{url}/next") == BODY  # not the answer meant for the cancelled call
+        await client.aclose()
+
+    assert len(_serve(slow_then_fine, check)) == 2
+
+
+def test_an_answer_framed_by_the_connection_end_is_read_whole() -> None:
+    raw = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nall of it"
+
+    async def closes(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _request(reader)
+        writer.write(raw)
+        await writer.drain()
+
+    async def check(url: str, connections: list[int]) -> None:
+        client = _client(read_s=1.0)
+        assert await _get(client, url) == b"all of it"
+        await client.aclose()
+
+    _serve(closes, check)
+
+
+def test_a_slow_reader_pauses_the_connection() -> None:
+    total = 8 << 20
+
+    async def floods(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % total)
+        for _ in range(total // 65536):
+            writer.write(b"y" * 65536)
+            await writer.drain()
+
+    async def check(url: str, connections: list[int]) -> None:
+        client = _client(read_s=2.0)
+        answer = await client.open("GET", url)
+        chunks = answer.chunks()
+        await chunks.__anext__()
+        await asyncio.sleep(0.3)  # the server writes as fast as it can meanwhile
+        held = answer._connection._buffered  # type: ignore[union-attr]
+        assert held < 2 << 20, held  # what the proxy holds stays near the high-water mark, not the 8 MiB
+        size = sum([len(piece) async for piece in chunks])
+        assert size > total - (1 << 20)
+        await answer.aclose()
+        await client.aclose()
+
+    _serve(floods, check)
