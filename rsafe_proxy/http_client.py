@@ -40,8 +40,11 @@ from rsafe_proxy.http_connection import os_cause as os_cause
 _KEEPALIVE_S = 4.0
 # A request target as HTTP carries it: visible ASCII (the proxy encoded it), no fragment.
 _TARGET = re.compile(r"[!-\x22\x24-~]*")
-# Header names (RFC 9110 tokens), one per line; header values must hold no line break and no NUL.
-_NAMES = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+(?:\n[!#$%&'*+\-.^_`|~0-9A-Za-z]+)*")
+# Header names and the method are RFC 9110 tokens (the names checked at once, joined by a colon, which no token
+# holds); header values must hold no line break and no NUL.
+_TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_METHOD = re.compile(_TOKEN)
+_NAMES = re.compile(f"{_TOKEN}(?::{_TOKEN})*")
 # Framing is the client's to set: a caller's would disagree with the body sent.
 _FRAMING = frozenset({"host", "content-length", "transfer-encoding"})
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
@@ -120,9 +123,11 @@ def _split(url: str) -> tuple[str, str]:
 
 def request_head(method: str, target: str, host: str, headers: Mapping[str, str], length: int | None) -> bytes:
     """The request's head: its line, Host, the caller's headers (never framing), Content-Length."""
+    if not _METHOD.fullmatch(method):
+        raise RequestFailed("the request could not be sent (the method is not a valid token)")
     names = [name for name in headers if name.lower() not in _FRAMING]
     values = [headers[name] for name in names]
-    if names and not _NAMES.fullmatch("\n".join(names)):
+    if names and not _NAMES.fullmatch(":".join(names)):
         raise RequestFailed("the request could not be sent (a header name is not a valid token)")
     joined = "\n".join(values)
     if values and ("\r" in joined or "\x00" in joined or joined.count("\n") != len(values) - 1):
@@ -187,6 +192,7 @@ class _Pool:
         self._open = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._tls: ssl.SSLContext | None = None
+        self.closed = False
 
     def reuse(self, origin: Origin) -> Connection | None:
         """An idle connection to `origin`, taken out of the pool; None where there is none."""
@@ -203,23 +209,34 @@ class _Pool:
         return None
 
     async def connect(self, origin: Origin, timeouts: Timeouts) -> Connection:
-        """A new connection to `origin`, once the pool has room for it (within `timeouts.read_s`)."""
+        """A new connection to `origin` (or an idle one to it that a wait for room turned up), once the pool has
+        room for it: within `timeouts.read_s` in all, however often another caller takes the room first."""
+        wait_until = self.loop.time() + timeouts.read_s
         while self._open >= self.limit:
-            if not self._close_an_idle_one():
-                waiter = self.loop.create_future()
-                self._waiters.append(waiter)
-                try:
-                    async with asyncio.timeout(timeouts.read_s):
-                        await waiter
-                except TimeoutError:
+            if self.closed:
+                raise RequestFailed("the client is closed")
+            if self._close_an_idle_one():
+                continue
+            waiter = self.loop.create_future()
+            self._waiters.append(waiter)
+            try:
+                async with asyncio.timeout_at(wait_until):
+                    await waiter
+            except BaseException as error:
+                if waiter.done() and not waiter.cancelled():  # woken, but leaving: the room goes to the next
+                    self._wake_one()
+                if isinstance(error, TimeoutError):
                     raise RequestTimedOut(
-                        "no connection within the connect timeout, or none free in the pool", connecting=True
+                        f"none of the pool's {self.limit} connections came free within the timeout", connecting=False
                     ) from None
-                finally:
-                    if waiter in self._waiters:
-                        self._waiters.remove(waiter)
-                if (reused := self.reuse(origin)) is not None:
-                    return reused
+                raise
+            finally:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+            if (reused := self.reuse(origin)) is not None:
+                return reused
+        if self.closed:
+            raise RequestFailed("the client is closed")
         self._open += 1
         try:
             return await self._dial(origin, timeouts.connect_s)
@@ -247,7 +264,7 @@ class _Pool:
 
     def release(self, connection: Connection, origin: Origin | None = None) -> None:
         """Back to the pool where it can serve another request (to its origin), else closed."""
-        if origin is not None and connection.reusable:
+        if origin is not None and connection.reusable and not self.closed:
             connection.reset()
             connection.idle_since = self.loop.time()
             idle = self._idle.setdefault(origin, [])
@@ -297,6 +314,12 @@ class _Pool:
                 return
 
     def close(self) -> None:
+        """Close the idle connections; those waiting for room are told the client is closed."""
+        self.closed = True
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_exception(RequestFailed("the client is closed"))
+        self._waiters.clear()
         for idle in list(self._idle.values()):
             for connection in list(idle):
                 self._expire_now(connection)
@@ -359,6 +382,8 @@ class HttpClient:
                 connection = await pool.connect(origin, timeouts)
             self._busy.add(connection)
             try:
+                if pool.loop.time() >= head_by:  # the wait for room took it all: the request is not sent late
+                    raise RequestTimedOut("no answer within the timeout", connecting=False)
                 await connection.exchange(head, content, head_by, timeouts.read_s)
             except RequestFailed as error:
                 self._busy.discard(connection)

@@ -65,13 +65,38 @@ class _HeadRefused(Exception):
     """Raised inside a parser callback to stop reading a head past its limits."""
 
 
-def _decoder(coding: str) -> zlib._Decompress | None:
+class _Unasked(Exception):
+    """Raised inside a parser callback when a message begins after the answer: bytes no request asked for."""
+
+
+class _Deflate:
+    """A deflate body's decoder: zlib-wrapped where its first bytes say so, else raw (as aiohttp read it)."""
+
+    def __init__(self) -> None:
+        self._inner: zlib._Decompress | None = None
+        self.unconsumed_tail = b""
+
+    def decompress(self, data: bytes, max_length: int) -> bytes:
+        if self._inner is None:  # a zlib header: CMF says deflate (low nibble 8) and CMF·FLG is a multiple of 31
+            wrapped = len(data) >= 2 and data[0] & 0x0F == 8 and (data[0] << 8 | data[1]) % 31 == 0
+            self._inner = zlib.decompressobj(zlib.MAX_WBITS if wrapped else -zlib.MAX_WBITS)
+        piece = self._inner.decompress(data, max_length)
+        self.unconsumed_tail = self._inner.unconsumed_tail
+        return piece
+
+    def flush(self) -> bytes:
+        return self._inner.flush() if self._inner is not None else b""
+
+
+def _decoder(coding: str) -> zlib._Decompress | _Deflate | None:
     """The decoder of a body sent under `coding` (gzip and deflate, as aiohttp decoded; none for identity)."""
     coding = coding.strip().lower()
     if coding in ("", "identity"):
         return None
-    if coding in ("gzip", "x-gzip", "deflate"):
-        return zlib.decompressobj(32 + zlib.MAX_WBITS)  # a gzip or zlib header, told apart by zlib
+    if coding in ("gzip", "x-gzip"):
+        return zlib.decompressobj(16 + zlib.MAX_WBITS)
+    if coding == "deflate":  # zlib-wrapped as RFC 9110 says, or raw as some servers send it
+        return _Deflate()
     raise RequestFailed(f"the answer is encoded as {coding!r}, which the proxy cannot decode")
 
 
@@ -97,7 +122,7 @@ class Connection(asyncio.Protocol):
         self.headers: list[tuple[str, str]] = []
         self._body: deque[bytes] = deque()
         self._buffered = 0
-        self._decoder: zlib._Decompress | None = None
+        self._decoder: zlib._Decompress | _Deflate | None = None
         self._complete = False
         self._keep_alive = False
         self._error: RequestFailed | None = None
@@ -161,6 +186,8 @@ class Connection(asyncio.Protocol):
     # -- httptools callbacks -----------------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self._complete:  # in the same read as the answer: never parsed into it, nor left for the next one
+            raise _Unasked()
         self.headers = []
         self._informational = False
 
@@ -184,7 +211,7 @@ class Connection(asyncio.Protocol):
             if lowered == "content-length":
                 length = True
             elif lowered == "transfer-encoding":
-                chunked = True
+                chunked = value.rstrip().lower().endswith("chunked")  # any other coding is framed by the close
             elif lowered == "content-encoding":
                 coding = value if not coding else f"{coding}, {value}"
         self._until_close = not (length or chunked or status in (204, 304))
@@ -243,9 +270,8 @@ class Connection(asyncio.Protocol):
             if self._body:
                 raw = self._body.popleft()
                 self._buffered -= len(raw)
-                if self._paused and self._buffered < _LOW_WATER and self._transport is not None:
-                    self._paused = False
-                    self._transport.resume_reading()
+                if self._buffered < _LOW_WATER:
+                    self._resume()
                 if self._decoder is None:
                     return raw
                 piece = self._decode(raw)
@@ -266,6 +292,7 @@ class Connection(asyncio.Protocol):
             raw = b"".join(self._body) if len(self._body) != 1 else self._body[0]
             self._body.clear()
             self._buffered = 0
+            self._resume()
             if len(raw) > max_bytes:
                 raise AnswerTooLarge(f"the answer is over {max_bytes} bytes")
             return raw
@@ -288,10 +315,12 @@ class Connection(asyncio.Protocol):
             and not self._body
             and not self.closed
             and not self._write_paused
+            and not self._paused
         )
 
     def reset(self) -> None:
         """Ready for the next exchange (only after a `reusable` one)."""
+        self._resume()
         self._busy = self.received = self._head_done = self._complete = self._keep_alive = False
         self._head_bytes = self.status = 0
         self.headers = []
@@ -325,7 +354,16 @@ class Connection(asyncio.Protocol):
             self._buffered += len(decoder.unconsumed_tail)
         return piece
 
+    def _resume(self) -> None:
+        if self._paused and self._transport is not None:
+            self._paused = False
+            self._transport.resume_reading()
+
     def _fail(self, error: RequestFailed) -> None:
+        if self._complete and self._error is None:  # the answer is whole: only the connection is spoiled
+            self._keep_alive = False
+            self.close()
+            return
         if self._error is None:
             self._error = error
         self.close()

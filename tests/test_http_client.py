@@ -499,3 +499,138 @@ def test_a_slow_reader_pauses_the_connection() -> None:
         await client.aclose()
 
     _serve(floods, check)
+
+
+def test_an_answer_that_arrived_whole_unread_leaves_its_connection_reading() -> None:
+    # 300 KB landing while the caller is busy elsewhere pauses reading; the connection must not go back to the
+    # pool paused (the next request on it would never be answered)
+    big = b"a" * 300_000
+    first = b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(big), big)
+    second = b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nsecond"
+
+    async def check(url: str, connections: list[int]) -> None:
+        client = _client(read_s=1.0)
+        answer = await client.open("GET", f"{url}/a")
+        await asyncio.sleep(0.3)
+        assert await answer.read(1 << 20) == big
+        await answer.aclose()
+        assert await _get(client, f"{url}/b") == b"second"
+        await client.aclose()
+
+    assert len(_serve(_answers(first, second), check)) == 1
+
+
+def test_a_message_after_the_answer_in_the_same_read_is_never_read_as_an_answer() -> None:
+    smuggled = b"HTTP/1.1 200 OK\r\nx-who: smuggled\r\ncontent-length: 40\r\n\r\nleft-for-the-next-"
+    raw = ANSWER.replace(b"\r\n\r\n", b"\r\nx-who: a\r\n\r\n", 1) + smuggled
+
+    async def check(url: str, connections: list[int]) -> None:
+        client = _client(read_s=1.0)
+        answer = await client.open("GET", f"{url}/a")
+        assert (answer.headers["x-who"], await answer.read(1 << 20)) == ("a", BODY)
+        await answer.aclose()
+        assert await _get(client, f"{url}/b") == BODY  # on a new connection: the spoiled one was closed
+        await client.aclose()
+
+    assert len(_serve(_answers(raw, raw), check)) == 2
+
+
+def test_room_in_the_pool_goes_to_the_next_caller_when_the_woken_one_has_left() -> None:
+    closing = b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok"
+
+    async def check(url: str, connections: list[int]) -> None:
+        client = http_client.HttpClient(1, http_client.Timeouts(3.0, 2.0))
+        holder = await client.open("GET", f"{url}/x")  # holds the only connection
+        await holder.read(10)
+        gone = asyncio.create_task(client.open("GET", f"{url}/gone"))
+        waiting = asyncio.create_task(_get(client, f"{url}/waiting"))
+        await asyncio.sleep(0.1)
+        await holder.aclose()  # wakes the first in line, whose caller leaves in the same tick
+        gone.cancel()
+        started = asyncio.get_running_loop().time()
+        assert await waiting == b"ok"
+        assert asyncio.get_running_loop().time() - started < 1
+        await client.aclose()
+
+    _serve(_answers(closing), check)
+
+
+def test_a_caller_waiting_for_room_is_refused_once_its_time_is_up_and_nothing_is_sent() -> None:
+    heads: list[bytes] = []
+
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while request := await _request(reader):
+            heads.append(request.split(b"\r\n")[0])
+            await asyncio.sleep(0.15)
+            writer.write(ANSWER)
+            await writer.drain()
+
+    async def check(url: str, connections: list[int]) -> None:
+        client = http_client.HttpClient(1, http_client.Timeouts(0.5, 0.5))
+
+        async def busy() -> None:  # keeps the one connection busy with request after request
+            for number in range(8):
+                await _get(client, f"{url}/busy{number}")
+
+        keeper = asyncio.create_task(busy())
+        await asyncio.sleep(0.05)
+        with pytest.raises(http_client.RequestTimedOut, match="came free within the timeout"):
+            await client.open("GET", f"{url}/late")
+        keeper.cancel()
+        await client.aclose()
+
+    _serve(slow, check)
+    assert b"GET /late HTTP/1.1" not in heads
+
+
+def test_closing_the_client_refuses_the_callers_waiting_for_room() -> None:
+    async def check(url: str, connections: list[int]) -> None:
+        client = http_client.HttpClient(1, http_client.Timeouts(2.0, 2.0))
+        holder = await client.open("GET", f"{url}/x")
+        waiting = asyncio.create_task(client.open("GET", f"{url}/w"))
+        await asyncio.sleep(0.1)
+        await client.aclose()
+        with pytest.raises(http_client.RequestFailed, match="closed"):
+            await waiting
+        await holder.aclose()
+
+    _serve(_answers(ANSWER, ANSWER), check)
+
+
+@pytest.mark.parametrize(
+    ("method", "headers"), [("GET", {"x-a\ntransfer-encoding": "chunked"}), ("GET /admin HTTP/1.1\r\n\r\nGET", {})]
+)
+def test_a_name_or_method_that_would_split_the_request_is_not_sent(method: str, headers: dict[str, str]) -> None:
+    async def check(client: http_client.HttpClient, url: str) -> None:
+        with pytest.raises(http_client.RequestFailed, match="could not be sent"):
+            await client.open(method, url, headers)
+
+    _one(ANSWER, check)
+
+
+@pytest.mark.parametrize(
+    ("head", "body", "read"),
+    [
+        (b"transfer-encoding: identity\r\n", b"all of it", b"all of it"),  # framed by the connection's end
+        (b"content-encoding: deflate\r\ncontent-length: 7\r\n", b"\xcbH\xcd\xc9\xc9\x07\x00", b"hello"),  # raw
+        (
+            b"content-encoding: deflate\r\ncontent-length: 13\r\n",
+            b"x\x9c\xcbH\xcd\xc9\xc9\x07\x00\x06,\x02\x15",
+            b"hello",
+        ),
+    ],
+)
+def test_other_framings_and_deflate_as_servers_send_them(head: bytes, body: bytes, read: bytes) -> None:
+    raw = b"HTTP/1.1 200 OK\r\n" + head + b"\r\n" + body
+
+    async def closes(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _request(reader)
+        writer.write(raw)
+        await writer.drain()
+
+    async def check(url: str, connections: list[int]) -> None:
+        client = _client(read_s=1.0)
+        assert await _get(client, url) == read
+        await client.aclose()
+
+    _serve(closes, check)
