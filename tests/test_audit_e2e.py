@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import sqlite3
 import subprocess
@@ -21,6 +22,7 @@ import yaml
 
 from rsafe_proxy.audit.record import DecisionQuery
 from rsafe_proxy.audit.sqlite import SqliteStore
+from rsafe_proxy.logs import DECISION_LOGGER
 from rsafe_proxy.policy.loading import load_policy
 from tests.conftest import MakeProxy
 from tests.doubles import UNSAFE
@@ -131,6 +133,33 @@ def test_every_request_of_a_callers_trace_is_kept(make_proxy: MakeProxy, tmp_pat
         ("output", "allow"),
         ("input", "block"),
     ]
+
+
+@pytest.mark.parametrize("sampler", [None, "traceidratio"])
+def test_a_caller_that_asks_for_no_sampling_is_audited_all_the_same(
+    make_proxy: MakeProxy,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    sampler: str | None,
+) -> None:
+    # sampling decides what is exported, never what is audited: a trace flagged unsampled (flags 00), or an
+    # operator's sampler that drops most traces, must not take a block out of the audit log or the decision log
+    if sampler:
+        monkeypatch.setenv("OTEL_TRACES_SAMPLER", sampler)
+        monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0")
+    proxy, _ = two_tenants(make_proxy, tmp_path)
+    bank = proxy.client(KEYS["bank"])
+    trace = "5bf92f3577b34da6a3ce929d0e0e4736"
+    with caplog.at_level(logging.INFO, logger=DECISION_LOGGER), pytest.raises(openai.BadRequestError) as blocked:
+        ask(bank, f"{UNSAFE} unseen", extra_headers={"traceparent": f"00-{trace}-00f067aa0ba902b7-00"})
+    assert blocked.value.response.headers["x-rsafe-decision-id"] == trace
+    proxy.stop()
+    store = SqliteStore(proxy.audit_file)
+    kept = store.get(trace)
+    store.close()
+    assert [(record.side, record.action) for record in kept] == [("input", "block")]
+    assert [record for record in caplog.records if record.name == DECISION_LOGGER]  # the block is logged too
 
 
 def test_a_policy_reload_keeps_the_new_version(make_proxy: MakeProxy, tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ from rsafe_proxy.telemetry.genai import (
     span_name,
 )
 from rsafe_proxy.telemetry.metrics import Metrics, bounded
+from rsafe_proxy.telemetry.sampling import configured_sampler
 
 if TYPE_CHECKING:  # types only: importing them here would close an import cycle (policy -> paths -> middleware)
     from rsafe_proxy.config import TelemetrySettings
@@ -46,7 +47,7 @@ class Recorder:
     """Everything the pipeline records goes through here."""
 
     def __init__(self, settings: TelemetrySettings, base_dir: str = ".") -> None:
-        self.provider = TracerProvider(resource=resource(settings.service_name, VERSION))
+        self.provider = TracerProvider(resource=resource(settings.service_name, VERSION), sampler=configured_sampler())
         if settings.spans_file:
             path = (
                 settings.spans_file
