@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
 from opentelemetry.context import Context
+from opentelemetry.sdk.trace import Tracer as SdkTracer
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import Span, SpanKind, Tracer
@@ -31,6 +32,7 @@ from rsafe_proxy.telemetry.genai import (
 )
 from rsafe_proxy.telemetry.metrics import Metrics, bounded
 from rsafe_proxy.telemetry.sampling import configured_sampler
+from rsafe_proxy.telemetry.tracer import LeanTracer
 
 if TYPE_CHECKING:  # types only: importing them here would close an import cycle (policy -> paths -> middleware)
     from rsafe_proxy.config import TelemetrySettings
@@ -62,7 +64,9 @@ class Recorder:
         exporter = otlp_exporter(os.environ)
         if exporter is not None:
             self.provider.add_span_processor(BatchSpanProcessor(exporter))
-        self.tracer: Tracer = self.provider.get_tracer("rsafe_proxy", VERSION)
+        sdk_tracer = self.provider.get_tracer("rsafe_proxy", VERSION)
+        # (OTEL_SDK_DISABLED=true makes it the API's no-op tracer, kept as it is)
+        self.tracer: Tracer = LeanTracer(sdk_tracer) if isinstance(sdk_tracer, SdkTracer) else sdk_tracer
         self.metrics = Metrics()
 
     @contextmanager

@@ -33,8 +33,8 @@ class RecordAlways(Sampler):
         trace_state: TraceState | None = None,
     ) -> SamplingResult:
         result = self.root.should_sample(parent_context, trace_id, name, kind, attributes, links, trace_state)
-        if result.decision is Decision.DROP:
-            return SamplingResult(Decision.RECORD_ONLY, result.attributes, result.trace_state)
+        if result.decision is Decision.DROP:  # a drop carries no attributes: the span's own are kept
+            return SamplingResult(Decision.RECORD_ONLY, attributes, result.trace_state)
         return result
 
     def get_description(self) -> str:
