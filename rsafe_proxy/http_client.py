@@ -266,7 +266,6 @@ class _Pool:
         """Back to the pool where it can serve another request (to its origin), else closed."""
         if origin is not None and connection.reusable and not self.closed:
             connection.reset()
-            connection.idle_since = self.loop.time()
             idle = self._idle.setdefault(origin, [])
             idle.append(connection)
             connection.on_lost = lambda: self._forget(connection, idle)

@@ -109,7 +109,6 @@ class Connection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self._transport: asyncio.Transport | None = None
         self.closed = False
-        self.idle_since = 0.0
         self.idle_timer: asyncio.TimerHandle | None = None
         self.on_lost: Callable[[], None] | None = None  # the pool's, while it is idle there
         self._busy = False

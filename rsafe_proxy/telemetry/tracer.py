@@ -14,7 +14,7 @@ import traceback
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from time import time_ns
-from typing import Any
+from typing import Any, cast
 
 from opentelemetry import trace as trace_api
 from opentelemetry.attributes import BoundedAttributes
@@ -64,7 +64,6 @@ class LeanSpan(trace_api.Span, ReadableSpan):
     ) -> None:
         self._name = name
         self._context = context
-        self._own_context = context
         self._parent = parent
         self._kind = kind
         self._attributes: Any = dict(attributes) if attributes else {}
@@ -79,7 +78,7 @@ class LeanSpan(trace_api.Span, ReadableSpan):
         self._tracer = tracer
 
     def get_span_context(self) -> SpanContext:
-        return self._own_context
+        return cast(SpanContext, self._context)  # set from a SpanContext; ReadableSpan types it optional
 
     def set_attributes(self, attributes: Mapping[str, types.AnyValue]) -> None:
         if self._end_time is None:
