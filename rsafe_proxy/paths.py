@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from urllib.parse import quote, unquote, unquote_plus
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -177,6 +177,16 @@ def pattern_problem(pattern: str) -> str | None:
                 f"{segment!r} is not a canonical path segment (letters, digits and -._~!$&'()*+,=:@; no dot segments)"
             )
     return None
+
+
+def pattern_regex(patterns: Iterable[str]) -> re.Pattern[str]:
+    """One regex that a canonical path fully matches exactly when `pattern_matches` holds for one of `patterns`
+    (a placeholder segment: one or more characters other than `/`); none: a regex nothing matches."""
+    alternatives = [
+        "/".join("[^/]+" if _PLACEHOLDER.fullmatch(segment) else re.escape(segment) for segment in pattern.split("/"))
+        for pattern in patterns
+    ]
+    return re.compile("|".join(f"(?:{alternative})" for alternative in alternatives) if alternatives else "(?!)")
 
 
 def pattern_matches(pattern: str, path: str) -> bool:

@@ -21,7 +21,7 @@ from rsafe_proxy.departure import ClientWatch
 from rsafe_proxy.draining import SHUTDOWN_MESSAGE, Drain, until_drained
 from rsafe_proxy.errors import InvalidRequest, NotFound, ProxyError, ServerShuttingDown, Unauthorized
 from rsafe_proxy.middleware import send_client_gone
-from rsafe_proxy.paths import pattern_matches
+from rsafe_proxy.paths import pattern_matches, pattern_regex
 from rsafe_proxy.pipeline import Pipeline
 from rsafe_proxy.policy.schema import Policy
 from rsafe_proxy.policy.tenancy import Tenancy
@@ -54,6 +54,19 @@ PASSTHROUGH: tuple[tuple[str, str], ...] = (
     ("DELETE", "/v1/responses/{response_id}"),
     ("DELETE", "/v1/chat/completions/{completion_id}"),
 )
+
+
+def _by_method(routes: tuple[tuple[str, str], ...]) -> dict[str, re.Pattern[str]]:
+    """For each method of `routes`, one regex its paths fully match (paths.pattern_regex)."""
+    methods = dict.fromkeys(method for method, _ in routes)
+    return {method: pattern_regex(path for want, path in routes if want == method) for method in methods}
+
+
+# SCREENED and PASSTHROUGH as one regex per method, compiled once (passes_through runs on every forwarded call)
+_SCREENED_PATHS = _by_method(SCREENED)
+_PASSTHROUGH_PATHS = _by_method(PASSTHROUGH)
+# A suffix a lenient upstream may ignore: from a dot in the last segment to its end (`.json`).
+_SUFFIX = re.compile(r"\.[^/]*$")
 # Headers other APIs carry keys in (Anthropic-style, Azure): a keyed tenant's never go upstream.
 _KEY_HEADERS = frozenset({"x-api-key", "api-key"})
 
@@ -256,11 +269,11 @@ async def litellm_guardrail(pipeline: Pipeline, call: Call) -> Reply | StreamRep
 def _screened_spelling(method: str, path: str) -> bool:
     """True when `path` is a screened route spelled another way (case, a `.json` suffix) that a lenient
     upstream could still read as that route."""
+    screened = _SCREENED_PATHS.get(method)
+    if screened is None:
+        return False
     lowered = path.lower()
-    spellings = {lowered, re.sub(r"\.[^/]*$", "", lowered)}
-    return any(
-        want == method and pattern_matches(pattern, spelling) for want, pattern in SCREENED for spelling in spellings
-    )
+    return screened.fullmatch(lowered) is not None or screened.fullmatch(_SUFFIX.sub("", lowered)) is not None
 
 
 def passes_through(method: str, path: str, policy: Policy) -> bool:
@@ -268,8 +281,9 @@ def passes_through(method: str, path: str, policy: Policy) -> bool:
     method = "GET" if method == "HEAD" else method
     if _screened_spelling(method, path):
         return False
-    extra = ((route.method, route.path) for route in policy.passthrough)
-    return any(want == method and pattern_matches(pattern, path) for want, pattern in (*PASSTHROUGH, *extra))
+    if (allowed := _PASSTHROUGH_PATHS.get(method)) is not None and allowed.fullmatch(path) is not None:
+        return True
+    return any(route.method == method and pattern_matches(route.path, path) for route in policy.passthrough)
 
 
 async def passthrough(pipeline: Pipeline, call: Call) -> Reply | StreamReply:

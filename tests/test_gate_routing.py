@@ -19,8 +19,9 @@ import httpx
 import pydantic
 import pytest
 
+from rsafe_proxy import routes
 from rsafe_proxy.errors import InvalidRequest
-from rsafe_proxy.paths import canonical_path, without_credentials
+from rsafe_proxy.paths import canonical_path, pattern_matches, pattern_regex, without_credentials
 from rsafe_proxy.policy.tenants import KeyRing, bearer_token
 from tests.conftest import MakeProxy
 from tests.doubles import ASK_UNSAFE_ANSWER, UNSAFE, UNSAFE_ANSWER, ScriptedGuard
@@ -214,6 +215,26 @@ def test_a_screened_answer_spelled_another_way_is_still_screened(proxy: Proxy, u
 def test_canonical_paths(raw: bytes, path: str, canonical: bytes) -> None:
     assert canonical_path(raw) == (path, canonical)
     assert canonical_path(canonical) == (path, canonical)  # canonical is a fixed point
+
+
+def test_the_compiled_route_tables_match_exactly_what_the_patterns_do() -> None:
+    """passes_through reads SCREENED and PASSTHROUGH as one regex per method: it must match the paths the
+    segment-by-segment reading does, and no other (placeholders one whole non-empty segment, dots literal)."""
+    patterns = [pattern for _, pattern in (*routes.SCREENED, *routes.PASSTHROUGH)]
+    segments = ["v1", "chat", "completions", "responses", "models", "cancel", "input_tokens", "x", "a.b", "{id}"]
+    paths = {f"/{a}/{b}" for a in segments for b in segments} | {
+        f"/{a}/{b}/{c}" for a in segments[:2] for b in segments for c in segments
+    }
+    paths |= {f"/v1/{b}/{c}/{d}" for b in segments for c in segments for d in ("cancel", "x", "")}
+    paths |= {"/v1/models/", "/v1//completions", "/v1/chat/completionsX", "/v1/chat.completions", "/v1/models/a/b"}
+    for pattern in patterns:
+        compiled = pattern_regex([pattern])
+        for path in paths | {pattern}:
+            assert (compiled.fullmatch(path) is not None) == pattern_matches(pattern, path), (pattern, path)
+    together = pattern_regex(patterns)
+    for path in paths:
+        assert (together.fullmatch(path) is not None) == any(pattern_matches(p, path) for p in patterns), path
+    assert pattern_regex([]).fullmatch("") is None
 
 
 @pytest.mark.parametrize(

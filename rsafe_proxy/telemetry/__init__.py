@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import Tracer as SdkTracer
 from opentelemetry.sdk.trace import TracerProvider
@@ -19,7 +18,6 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import Span, SpanKind, Tracer
 
 from rsafe_proxy.errors import ProxyError
-from rsafe_proxy.telemetry.context import waiting
 from rsafe_proxy.telemetry.exporters import JsonLinesExporter, otlp_exporter, resource
 from rsafe_proxy.telemetry.genai import (
     EVALUATION_EVENT,
@@ -93,25 +91,19 @@ class Recorder:
                 self.failed(span, error)
                 raise
 
-    @contextmanager
     def upstream_call(
         self, operation: str | None, model: str | None, method: str, base_url: str, parent: Context | None
-    ) -> Iterator[UpstreamCall]:
-        """The client span of one upstream call, current (and counted as waiting) inside the block: a GenAI span
-        (`chat {model}`) for a generation (`operation` set), else an HTTP client span (`{method}`). The caller
-        ends it with `done` once the answer is read; an error in the block ends it at once."""
+    ) -> UpstreamCall:
+        """The client span of one upstream call, to enter (`with`): current, and counted as waiting, inside the
+        block: a GenAI span (`chat {model}`) for a generation (`operation` set), else an HTTP client span
+        (`{method}`). The caller ends it with `done` once the answer is read; an error in the block ends it at
+        once."""
         if operation:
             name, attributes = span_name(operation, model), client_attributes(operation, "openai", model, base_url)
         else:
             name, attributes = method, {"http.request.method": method, **server_attributes(base_url)}
         span = self.tracer.start_span(name, context=parent, kind=SpanKind.CLIENT, attributes=attributes)
-        call = UpstreamCall(span, operation or "http", time.perf_counter(), self.metrics.upstream_seconds)
-        with trace.use_span(span, record_exception=False, set_status_on_exception=False), waiting():
-            try:
-                yield call
-            except BaseException as error:
-                call.done(error=error)
-                raise
+        return UpstreamCall(span, operation or "http", time.perf_counter(), self.metrics.upstream_seconds)
 
     def failed(self, span: Span, error: BaseException) -> None:
         """Record why `span`'s work stopped. A refusal (a policy block, a bad request: any 4xx) is an outcome, not
