@@ -7,9 +7,9 @@ The server (rsafe_proxy.server) starts the drain when it stops accepting connect
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from collections.abc import AsyncIterator, Callable
+from types import TracebackType
 
 from rsafe_proxy.errors import ServerShuttingDown
 from rsafe_proxy.telemetry.context import decision_id
@@ -33,15 +33,34 @@ class Drain:
         for scope in list(self._scopes):
             scope.reschedule(self._deadline)
 
-    @contextlib.asynccontextmanager
-    async def bounded(self) -> AsyncIterator[asyncio.Timeout]:
-        """A block that raises TimeoutError at the shutdown deadline (no deadline while the proxy serves)."""
-        async with asyncio.timeout_at(self._deadline) as scope:
-            self._scopes.add(scope)
-            try:
-                yield scope
-            finally:
-                self._scopes.discard(scope)
+    def bounded(self) -> _Bounded:
+        """A block (`async with`) that raises TimeoutError at the shutdown deadline (no deadline while the proxy
+        serves); it gives the block's asyncio.Timeout."""
+        return _Bounded(self)
+
+
+class _Bounded:
+    """asyncio.Timeout at the drain's deadline, known to the drain (Drain.begin reschedules it) while entered: its
+    own class, as a generator-based context manager around asyncio.timeout_at cost more than the rest, on every
+    request."""
+
+    def __init__(self, drain: Drain) -> None:
+        self._drain = drain
+        self._scope = asyncio.timeout_at(drain._deadline)
+
+    async def __aenter__(self) -> asyncio.Timeout:
+        scope, deadline = self._scope, self._drain._deadline
+        await scope.__aenter__()
+        if deadline is not None and scope.when() != deadline:
+            scope.reschedule(deadline)  # the drain began since the block was made
+        self._drain._scopes.add(scope)
+        return scope
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self._drain._scopes.discard(self._scope)
+        await self._scope.__aexit__(kind, error, traceback)
 
 
 def _error_event(message: str, decision: str | None) -> bytes:

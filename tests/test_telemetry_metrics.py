@@ -6,8 +6,10 @@ from __future__ import annotations
 import time
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from rsafe_proxy.telemetry.metrics import Metrics
 from tests.conftest import MakeProxy
 from tests.doubles import UNSAFE, ScriptedGuard
 
@@ -89,3 +91,25 @@ def test_metrics_after_a_mix_of_traffic(make_proxy: MakeProxy, guard: ScriptedGu
     assert value(samples, "rsafe_policy_reload_errors_total") == 0
     assert total(samples, "rsafe_reloads_total") == 0
     assert value(samples, "rsafe_guard_ready") == 1
+
+
+def test_labelled_children_are_kept_and_count_as_prometheus_clients_do() -> None:
+    """Metrics keeps each labelled child once made (labels() is on the hot path): the same child comes back,
+    by position or by name, every value lands in the exposition, and a wrong label count is still refused."""
+    metrics = Metrics()
+    first = metrics.requests.labels("team-a", "/v1/chat/completions", "200")
+    assert metrics.requests.labels("team-a", "/v1/chat/completions", "200") is first
+    first.inc()
+    metrics.requests.labels(tenant="team-a", route="/v1/chat/completions", status="200").inc()
+    metrics.requests.labels("team-b", "/v1/chat/completions", "403").inc(2)
+    metrics.overhead_seconds.labels("/v1/chat/completions").observe(0.001)
+    with pytest.raises(ValueError, match="label count"):
+        metrics.requests.labels("team-a")
+    samples: Samples = {}
+    for family in text_string_to_metric_families(metrics.render().decode()):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    route = "/v1/chat/completions"
+    assert value(samples, "rsafe_requests_total", tenant="team-a", route=route, status="200") == 2
+    assert value(samples, "rsafe_requests_total", tenant="team-b", route=route, status="403") == 2
+    assert value(samples, "rsafe_overhead_seconds_count", route=route) == 1

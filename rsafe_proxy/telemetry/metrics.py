@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Any, Self
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import prometheus_client
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
 _LATENCY = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
@@ -20,6 +22,30 @@ def bounded(value: str, known: frozenset[str] | None = None) -> str:
     if known is not None and value not in known:
         return "other"
     return value if _LABEL.fullmatch(value) else "other"
+
+
+class _KeptChildren:
+    """`labels(...)` answered from the children it made before: prometheus_client's own checks its arguments,
+    converts each to str and takes a lock on every call, a few times a request. Values are strings (a key of
+    another type is only looked up under itself: the metric's own labels() still makes its child)."""
+
+    _kept: dict[tuple[Any, ...], Any]
+
+    def labels(self, *values: Any, **named: Any) -> Self:
+        kept = self.__dict__.setdefault("_kept", {})
+        if named or (child := kept.get(values)) is None:
+            child = super().labels(*values, **named)  # type: ignore[misc]  # the metric class comes after
+            if not named:
+                kept[values] = child
+        return child  # type: ignore[no-any-return]
+
+
+class Counter(_KeptChildren, prometheus_client.Counter):
+    """prometheus_client's Counter, its labelled children kept."""
+
+
+class Histogram(_KeptChildren, prometheus_client.Histogram):
+    """prometheus_client's Histogram, its labelled children kept."""
 
 
 class AuditCounters:
