@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
+from starlette.middleware.errors import ServerErrorMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from rsafe_proxy.config import Settings
@@ -33,6 +34,18 @@ class TenancySnapshot:
         if scope["type"] == "http" and (runtime := self.runtime()) is not None:
             scope[TENANCY] = runtime.tenancy
         await self.app(scope, receive, send)
+
+
+class _ProxyApp(Starlette):
+    """Starlette with its last-resort handler and the proxy's middleware, without its ExceptionMiddleware: no route
+    raises HTTPException (errors are ProxyErrors, answered by ErrorBoundary, which also answers the one Starlette
+    raises itself, a method no route serves), and its wrapping cost every request a frame and a send wrapper."""
+
+    def build_middleware_stack(self) -> ASGIApp:
+        app: ASGIApp = self.router
+        for cls, args, kwargs in reversed(self.user_middleware):
+            app = cls(app, *args, **kwargs)
+        return ServerErrorMiddleware(app, handler=last_resort, debug=self.debug)
 
 
 def build_app(settings: Settings) -> ASGIApp:
@@ -63,10 +76,9 @@ def build_app(settings: Settings) -> ASGIApp:
 
     # the console's pages go before the proxy's catch-all routes; off, /console is an unknown path like any other
     routes = [*Console(settings.console).routes, *ROUTES] if settings.console.enabled else ROUTES
-    proxy = Starlette(
+    proxy = _ProxyApp(
         routes=routes,
         lifespan=lifespan,
-        exception_handlers={Exception: last_resort},  # what escapes even ErrorBoundary (TraceRequests) is JSON
         middleware=[
             # first: one tenancy snapshot for the whole request (a reload may swap the live one at any await)
             Middleware(TenancySnapshot, runtime=live),

@@ -82,6 +82,21 @@ class NotFound(ProxyError):
     code = "not_found"
 
 
+class MethodNotAllowed(ProxyError):
+    """A method no route of the path serves (`allow`: those that do)."""
+
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+    def __init__(self, message: str, allow: str) -> None:
+        super().__init__(message)
+        self.allow = allow
+
+    def headers(self) -> dict[str, str]:
+        return {"allow": self.allow}
+
+
 class ContentBlocked(ProxyError):
     """The prompt violates the tenant's policy. A 400 that clients must not retry (never a 5xx)."""
 

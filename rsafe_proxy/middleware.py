@@ -6,11 +6,12 @@ import asyncio
 import json
 import logging
 
+from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from rsafe_proxy.errors import InternalError, PayloadTooLarge, ProxyError, RequestTimeout
+from rsafe_proxy.errors import InternalError, MethodNotAllowed, PayloadTooLarge, ProxyError, RequestTimeout
 from rsafe_proxy.telemetry.context import note_error, traced_body
 
 log = logging.getLogger("rsafe_proxy")
@@ -74,6 +75,10 @@ class ErrorBoundary:
         except ClientDisconnect:  # Starlette's, for a client gone while its body was read: no fault of ours
             if not started:
                 await send_client_gone(send)
+        except HTTPException as error:  # Starlette's refusal of a method (the app has no ExceptionMiddleware)
+            if started:
+                raise
+            await send_error(send, _refusal(scope, error))
         except Exception as error:
             if started and isinstance(error, ProxyError):
                 note_error(error.code or type(error).__name__)
@@ -85,6 +90,16 @@ class ErrorBoundary:
                 log.exception("unexpected error answering %s %s", scope.get("method"), scope.get("path"))
                 error = InternalError(INTERNAL_MESSAGE)
             await send_error(send, error)
+
+
+def _refusal(scope: Scope, error: HTTPException) -> ProxyError:
+    """Starlette's HTTPException as the proxy's error: a 405 names the methods allowed; anything else is no refusal
+    the routes make (a fault, answered as a 500 and logged)."""
+    if error.status_code == 405:
+        allow = (error.headers or {}).get("Allow", "")
+        return MethodNotAllowed(f"{scope.get('method')} is not allowed on {scope.get('path')}: use {allow}.", allow)
+    log.error("unexpected HTTP %d raised answering %s %s", error.status_code, scope.get("method"), scope.get("path"))
+    return InternalError(INTERNAL_MESSAGE)
 
 
 class BodyTimeout:

@@ -86,8 +86,8 @@ _FIELD_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
 def forward_headers(headers: Mapping[str, str], authorization: str | None) -> dict[str, str]:
     """Client headers fit to send upstream, with the upstream's credentials. Hop-by-hop headers go, those the
     Connection header names included (RFC 9110 §7.6.1)."""
-    hop = _hop_names(headers)
-    out = {name: value for name, value in headers.items() if name.lower() not in _NOT_FORWARDED | hop}
+    dropped = _NOT_FORWARDED | _hop_names(headers)
+    out = {name: value for name, value in headers.items() if name.lower() not in dropped}
     out["accept-encoding"] = "identity"  # the proxy must read what it screens
     if authorization:
         out["authorization"] = authorization

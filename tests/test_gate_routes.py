@@ -91,6 +91,24 @@ def test_routes_that_generate_unscreened_are_404(
     assert upstream.calls() == [] and guard.calls == []
 
 
+@pytest.mark.parametrize(("method", "path"), [("PROPFIND", "/v1/models"), ("TRACE", "/v1/chat/completions"),
+                                            ("MKCOL", "/healthz"), ("LOCK", "/console")])  # fmt: skip
+def test_a_method_no_route_serves_is_a_json_405_before_the_upstream(
+    proxy: Proxy, upstream: FakeUpstream, guard: ScriptedGuard, method: str, path: str
+) -> None:
+    with proxy.http() as http:
+        reply = http.request(method, path, content=chat_body(f"{UNSAFE} now"))
+        after = http.get("/v1/models")  # the connection is still good
+    assert reply.status_code == 405
+    error = reply.json()["error"]
+    assert error["code"] == "method_not_allowed" and method in error["message"] and error["decision_id"]
+    assert {"GET", "POST"} & set(reply.headers["allow"].split(", "))  # (Starlette's: the first route of the path)
+    assert reply.headers["x-rsafe-decision-id"] == error["decision_id"]
+    assert after.status_code == 200
+    assert [(call.method, call.path) for call in upstream.calls()] == [("GET", "/v1/models")]
+    assert guard.calls == []
+
+
 ALLOWED: list[tuple[str, str, dict[str, Any] | None]] = [
     ("GET", "/v1/models", None),
     ("GET", "/v1/models/fake-model", None),
