@@ -206,7 +206,7 @@ async def _serve(
         await send_reply(_error_reply(error), Drain(), send)
         return
     runtime = _runtime(request)
-    async with ClientWatch(request.receive, send) as watch:
+    async with ClientWatch.of(request.scope, request.receive, send) as watch:
         try:
             async with runtime.drain.bounded() as bound:  # at shutdown, the grace period bounds the wait
                 reply = await work(runtime.pipeline, call)

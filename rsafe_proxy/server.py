@@ -19,7 +19,8 @@ import logging
 import math
 import resource
 import socket
-from typing import Any, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar, cast
 
 import httptools
 import uvicorn
@@ -28,6 +29,7 @@ from uvicorn._types import ASGI3Application, ASGIReceiveCallable, ASGISendCallab
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from rsafe_proxy.config import Settings
+from rsafe_proxy.departure import ON_DISCONNECT
 from rsafe_proxy.draining import Drain
 from rsafe_proxy.errors import HeadTooLarge, InvalidRequest, ProxyError, RequestTimeout, ServerBusy
 from rsafe_proxy.middleware import send_error
@@ -122,6 +124,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._serving: Any = None  # the cycle whose app runs (self.cycle is the last one parsed)
         self._broken: tuple[Any, ProxyError] | None = None  # a served request whose body cannot be parsed
         self._held_back = False  # parsing stopped (pipeline full, or a refusal behind a response): close after
+        self._departure: tuple[Any, Callable[[], None]] | None = None  # whom to tell the client left (ON_DISCONNECT)
 
     async def _capped(self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
         state = self.server_state
@@ -130,6 +133,15 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             await send_error(send, busy)  # type: ignore[arg-type]  # uvicorn's send is ASGI's send, typed apart
             return
         cycle = self._serving  # this request's: a cycle's task starts only once the one before it has answered
+
+        def notify(callback: Callable[[], None] | None) -> None:
+            """ON_DISCONNECT: `callback` is called if the connection is lost while `cycle` is served."""
+            self._departure = (cycle, callback) if callback is not None else None
+            if callback is not None and cycle.disconnected:
+                callback()
+
+        extensions: dict[str, Any] = cast(dict[str, Any], scope).setdefault("extensions", {})
+        extensions[ON_DISCONNECT] = notify
 
         async def checked() -> Any:
             """The body's next part, or its refusal if what follows could not be parsed (see _refuse)."""
@@ -151,6 +163,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             if cycle is not None and not cycle.response_complete:
                 cycle.disconnected = True
                 cycle.message_event.set()
+        departure, self._departure = self._departure, None
+        if departure is not None and departure[0] is self._serving and not departure[0].response_complete:
+            departure[1]()
         super().connection_lost(exc)
 
     def _start_asgi_task(self, cycle: Any, app: Any) -> None:
