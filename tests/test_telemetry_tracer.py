@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from opentelemetry import trace
+from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.trace import ReadableSpan, Tracer, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
@@ -56,9 +57,8 @@ def test_a_span_is_validated_once_it_ends_and_cannot_change_after() -> None:
     assert done.start_time is not None and done.end_time is not None and done.end_time >= done.start_time
 
 
-def test_values_and_limits_are_kept_as_the_sdks_own_span_keeps_them(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT", "4")
-    values = {"long": "abcdefgh", "mixed": ["a", 1], "none": None, "fine": 1, "tags": ["x", "y"]}
+def _both(values: dict[str, object]) -> tuple[ReadableSpan, ReadableSpan]:
+    """A span with `values` set, ended: the lean tracer's, as its exporter gets it, and the SDK's own."""
     kept = Kept()
     span = _tracer(kept).start_span("work")
     span.set_attributes(values)  # type: ignore[arg-type]
@@ -67,8 +67,23 @@ def test_values_and_limits_are_kept_as_the_sdks_own_span_keeps_them(monkeypatch:
     sdk_span.set_attributes(values)  # type: ignore[arg-type]
     sdk_span.end()
     assert isinstance(sdk_span, ReadableSpan)
-    assert dict(kept.spans[0].attributes or {}) == dict(sdk_span.attributes or {})
-    assert dict(kept.spans[0].attributes or {})["long"] == "abcd"
+    return kept.spans[0], sdk_span
+
+
+def test_values_and_limits_are_kept_as_the_sdks_own_span_keeps_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT", "4")
+    lean, sdk = _both({"long": "abcdefgh", "mixed": ["a", 1], "none": None, "fine": 1, "tags": ["x", "y"]})
+    assert dict(lean.attributes or {}) == dict(sdk.attributes or {})
+    assert dict(lean.attributes or {})["long"] == "abcd"
+
+
+def test_an_empty_list_is_kept_as_the_sdk_keeps_it_without_revalidating_the_span() -> None:
+    values = {"rsafe.categories": [], "tags": ["x", "y"], "n": 1, "ok": True}  # a decision with no category
+    lean, sdk = _both(values)
+    expected = {**values, "rsafe.categories": (), "tags": ("x", "y")}
+    assert dict(lean.attributes or {}) == dict(sdk.attributes or {}) == expected
+    # every value plain: kept as they are, not validated again by the SDK's BoundedAttributes (twice the CPU)
+    assert not isinstance(lean._attributes, BoundedAttributes)
 
 
 def test_children_share_the_trace_and_name_their_parent() -> None:

@@ -159,8 +159,10 @@ class Recorder:
         if verdict.error:
             fail(span, "guard_error", verdict.error[:200])
         metrics = self.metrics
-        known = frozenset(category.id for category in policy.categories_for(decision.side))
-        category = bounded(decision.categories[0], known) if decision.categories else "none"
+        category = "none"
+        if decision.categories:
+            known = frozenset(category.id for category in policy.categories_for(decision.side))
+            category = bounded(decision.categories[0], known)
         metrics.decisions.labels(tenant, side, decision.outcome.value).inc()
         metrics.verdicts.labels(tenant, side, verdict.label.value, decision.outcome.value, category).inc()
         if verdict.error:

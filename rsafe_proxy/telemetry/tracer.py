@@ -32,14 +32,14 @@ _UNSET = Status(StatusCode.UNSET)
 
 def _finished(attributes: dict[str, Any], count: int | None, length: int | None) -> Mapping[str, Any]:
     """`attributes` validated and bounded as the SDK would: at once where every value is plain (or a list of
-    one plain type, made a tuple) and no limit bites; by the SDK's BoundedAttributes otherwise."""
+    one plain type, or empty, made a tuple) and no limit bites; by the SDK's BoundedAttributes otherwise."""
     if length is None and (count is None or len(attributes) <= count):
         plain = True
         for key, value in attributes.items():
             if type(value) in _PLAIN:
                 continue
-            if type(value) in _SEQUENCES and value and type(value[0]) in _PLAIN:
-                first = type(value[0])
+            if type(value) in _SEQUENCES and (not value or type(value[0]) in _PLAIN):
+                first = type(value[0]) if value else str
                 if all(type(item) is first for item in value):
                     attributes[key] = tuple(value)
                     continue
