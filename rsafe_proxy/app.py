@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -58,15 +57,10 @@ def build_app(settings: Settings) -> ASGIApp:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         runtime = Runtime.start(settings, policies)
         app.state.runtime = runtime
-        # what start-up built (modules, policies, the model's objects) lives as long as the proxy: frozen, the
-        # collector stops walking it again and again (about 1% of a request's CPU, benchmarks/README.md)
-        gc.collect()
-        gc.freeze()
         try:
             yield
         finally:
             await runtime.close()
-            gc.unfreeze()
 
     def live() -> Runtime | None:
         runtime: Runtime | None = getattr(proxy.state, "runtime", None)

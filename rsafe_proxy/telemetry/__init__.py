@@ -161,7 +161,7 @@ class Recorder:
         metrics = self.metrics
         category = "none"
         if decision.categories:
-            known = frozenset(category.id for category in policy.categories_for(decision.side))
+            known = frozenset(line.id for line in policy.categories_for(decision.side))
             category = bounded(decision.categories[0], known)
         metrics.decisions.labels(tenant, side, decision.outcome.value).inc()
         metrics.verdicts.labels(tenant, side, verdict.label.value, decision.outcome.value, category).inc()

@@ -30,6 +30,14 @@ _SEQUENCES = frozenset({list, tuple})
 _UNSET = Status(StatusCode.UNSET)
 
 
+def _uniform(values: list[Any] | tuple[Any, ...]) -> bool:
+    """Whether a sequence is a valid attribute value as it is: empty, or every item of one plain type."""
+    if not values:
+        return True
+    first = type(values[0])
+    return first in _PLAIN and all(type(item) is first for item in values)
+
+
 def _finished(attributes: dict[str, Any], count: int | None, length: int | None) -> Mapping[str, Any]:
     """`attributes` validated and bounded as the SDK would: at once where every value is plain (or a list of
     one plain type, or empty, made a tuple) and no limit bites; by the SDK's BoundedAttributes otherwise."""
@@ -38,11 +46,9 @@ def _finished(attributes: dict[str, Any], count: int | None, length: int | None)
         for key, value in attributes.items():
             if type(value) in _PLAIN:
                 continue
-            if type(value) in _SEQUENCES and (not value or type(value[0]) in _PLAIN):
-                first = type(value[0]) if value else str
-                if all(type(item) is first for item in value):
-                    attributes[key] = tuple(value)
-                    continue
+            if type(value) in _SEQUENCES and _uniform(value):
+                attributes[key] = tuple(value)
+                continue
             plain = False
             break
         if plain:
